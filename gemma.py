@@ -1,0 +1,165 @@
+"""Gemma, the decoder-only language model inside PaliGemma.
+
+Gemma (Gemma Team, 2024) is a pre-norm transformer decoder:
+
+    token ids (B, T)
+      -> embed_tokens, times sqrt(hidden)                  (B, T, D)
+      -> L layers:  x = x + Attn(RMSNorm(x))                 multi-query / grouped-query, RoPE
+                    x = x + GeGLU-MLP(RMSNorm(x))
+      -> final RMSNorm, then the *tied* output head E^T      (B, T, vocab)
+
+Details that matter for exact logits: RMSNorm is computed in float32 and scales by (1 + weight);
+the embedding multiplier sqrt(hidden) is cast to the activation dtype; RoPE rotates the two halves
+of each head (not interleaved pairs); the MLP is down(gelu_tanh(gate(x)) * up(x)).
+
+What it is not: a tokenizer, a sampler or a PaliGemma-specific model. The caller passes the input
+embeddings (so that PaliGemma can put image features among them), the positions and the boolean
+attention mask (so that PaliGemma can use its prefix-LM mask). `KVCache` is pre-allocated once and
+written in place, so that generation never concatenates tensors step by step.
+
+Parameter names follow the Hugging Face checkpoints (`embed_tokens`, `layers.{i}.self_attn.q_proj`,
+`input_layernorm`, `post_attention_layernorm` (which is the norm *before* the MLP), `norm`).
+This file imports only torch and can be copied on its own.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class GemmaConfig:
+    # Defaults are the decoder of paligemma-3b (Gemma 2B v1, with PaliGemma's vocabulary).
+    vocab_size: int = 257216
+    hidden_size: int = 2048
+    intermediate_size: int = 16384
+    num_hidden_layers: int = 18
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 1  # 1: multi-query attention; between 1 and heads: grouped-query
+    head_dim: int = 256
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))  # stored as an offset from 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * (1.0 + self.weight.float())).type_as(x)
+
+
+def rope(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary position embedding tables. positions (B, T) -> cos, sin of shape (B, T, head_dim)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    freqs = positions.float()[..., None] * inv_freq  # (B, T, head_dim/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (B, T, head_dim): the same angle for both halves
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, heads, T, head_dim); rotates the pair (x[i], x[i + head_dim/2]) by the angle of position."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+class KVCache:
+    """Keys and values of every layer, allocated once for `max_len` positions and written in place.
+
+    k, v: (layers, B, kv_heads, max_len, head_dim). `update` writes positions [start, start + T) of one
+    layer and returns that layer's keys and values for [0, start + T).
+    """
+
+    def __init__(self, cfg: GemmaConfig, batch_size: int, max_len: int, dtype: torch.dtype, device):
+        shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + k.shape[2]
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class GemmaAttention(nn.Module):
+    def __init__(self, cfg: GemmaConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, cache_start: int = 0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, hd)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, cache_start, k, v)  # (B, K, S, hd), S = cache_start + T
+        # mask (B, 1, T, S) bool, True = may attend. Each group of H/K query heads shares one kv head.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class GemmaMLP(nn.Module):
+    def __init__(self, cfg: GemmaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))  # GeGLU
+
+
+class GemmaDecoderLayer(nn.Module):
+    def __init__(self, cfg: GemmaConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = GemmaAttention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)  # the pre-MLP norm
+        self.mlp = GemmaMLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache=None, cache_start=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Gemma(nn.Module):
+    def __init__(self, cfg: GemmaConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(GemmaDecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) -> (B, T, D), scaled by sqrt(D) rounded to the weights' dtype."""
+        x = self.embed_tokens(input_ids)
+        return x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)
+
+    def forward(self, x, positions, mask, cache: KVCache | None = None, cache_start: int = 0) -> torch.Tensor:
+        """Input embeddings (B, T, D), positions (B, T), mask (B, 1, T, S) -> final hidden states (B, T, D).
+
+        With a cache, the T new positions are written at [cache_start, cache_start + T) and attend to
+        everything cached before them (S = cache_start + T); without one, S = T.
+        """
+        cos, sin = rope(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, cache, cache_start)
+        return self.norm(x)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """(..., D) -> (..., vocab) through the tied output head: the embedding matrix, transposed."""
+        return F.linear(h, self.embed_tokens.weight)

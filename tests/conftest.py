@@ -1,0 +1,142 @@
+"""Fixtures: small PaliGemma checkpoints written the way users' checkpoints look, built offline.
+
+A checkpoint here is a randomly initialised transformers `PaliGemmaForConditionalGeneration` saved with
+`save_pretrained` (transformers 5 writes the vision tower as `vision_tower.embeddings.*`), or the same
+weights rewritten in the official hub layout (`vision_tower.vision_model.*`), single-file or in two
+shards with an index; each with a SentencePiece model trained here with Gemma's special pieces.
+"""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import sentencepiece as spm
+import torch
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import transformers  # noqa: E402  (a test dependency: the suite fails, never skips, without it)
+
+SENTENCES = [
+    "caption en", "answer en what colour is the square?", "answer en how many circles are there?",
+    "detect circle ; square", "a red circle and a blue square on a grey background", "two green triangles",
+    "the quick brown fox jumps over the lazy dog 0123456789", "Where is the cow standing? On the beach.",
+]
+SPECIAL_PIECES = ["<mask>"] + [f"<loc{i:04d}>" for i in range(1024)] + [f"<seg{i:03d}>" for i in range(128)]
+
+# Small configs for parity: multi-query and grouped-query attention, head_dim != hidden/heads,
+# image token counts of 4 and 9 (28 and 42 px with 14 px patches).
+CONFIGS = {
+    "mqa": dict(text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=1, head_dim=16),
+                vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28)),
+    "gqa": dict(text=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=24),
+                vision=dict(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6, image_size=42)),
+}
+
+
+def train_tokenizer(path: Path) -> Path:
+    """A SentencePiece model with Gemma's settings and piece names, so transformers' GemmaTokenizer agrees with it."""
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(SENTENCES * 20), model_prefix=str(path / "sp"), vocab_size=1500, hard_vocab_limit=False,
+        model_type="bpe", pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+        pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
+        add_dummy_prefix=False, remove_extra_whitespaces=False, split_digits=True, byte_fallback=True,
+        normalization_rule_name="identity", user_defined_symbols=SPECIAL_PIECES, minloglevel=2)
+    return path / "sp.model"
+
+
+def hf_config(sp_size: int, text: dict, vision: dict, vocab_size: int | None = None):
+    vocab_size = vocab_size or (sp_size + 1 + 63) // 64 * 64  # room for <image>, padded as the real one is
+    return transformers.PaliGemmaConfig(
+        vision_config=dict(patch_size=14, vision_use_head=False, **vision),
+        text_config=dict(vocab_size=vocab_size, **text),
+        image_token_index=sp_size, projection_dim=text["hidden_size"], hidden_size=text["hidden_size"],
+        vocab_size=vocab_size)
+
+
+def make_checkpoint(folder: Path, tokenizer: Path, config, seed: int = 0):
+    """Saves a random transformers PaliGemma with `save_pretrained` and copies in the tokenizer."""
+    torch.manual_seed(seed)
+    model = transformers.PaliGemmaForConditionalGeneration(config)
+    with torch.no_grad():  # the norms start at zero (= scale 1); make them matter
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0, 0.1)
+    model.save_pretrained(folder)
+    shutil.copy(tokenizer, folder / "tokenizer.model")
+    return folder
+
+
+def rewrite_official(src: Path, dst: Path, shards: int = 1) -> Path:
+    """The same weights in the layout of the hub checkpoints: `vision_tower.vision_model.*`, optionally sharded."""
+    dst.mkdir(parents=True)
+    state = load_file(src / "model.safetensors")
+    state = {k.replace("vision_tower.", "vision_tower.vision_model.", 1): v for k, v in state.items()}
+    for name in ("config.json", "tokenizer.model"):
+        shutil.copy(src / name, dst / name)
+    if shards == 1:
+        save_file(state, dst / "model.safetensors", metadata={"format": "pt"})
+        return dst
+    keys = sorted(state)
+    weight_map = {}
+    for i in range(shards):
+        file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = keys[i::shards]
+        save_file({k: state[k] for k in part}, dst / file, metadata={"format": "pt"})
+        weight_map.update({k: file for k in part})
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return dst
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("paligemma")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_model(workdir) -> Path:
+    return train_tokenizer(workdir)
+
+
+@pytest.fixture(scope="session")
+def sp_size(tokenizer_model) -> int:
+    return spm.SentencePieceProcessor(model_file=str(tokenizer_model)).get_piece_size()
+
+
+def fresh_checkpoint(workdir: Path, tokenizer_model: Path, sp_size: int, name: str) -> Path:
+    folder = workdir / f"fresh-{name}"
+    if not folder.exists():
+        cfg = CONFIGS[name]
+        make_checkpoint(folder, tokenizer_model, hf_config(sp_size, cfg["text"], cfg["vision"]))
+    return folder
+
+
+@pytest.fixture(scope="session", params=sorted(CONFIGS))
+def checkpoint(request, workdir, tokenizer_model, sp_size) -> Path:
+    """A fresh transformers 5 save, one per config."""
+    return fresh_checkpoint(workdir, tokenizer_model, sp_size, request.param)
+
+
+@pytest.fixture(scope="session")
+def mqa_checkpoint(workdir, tokenizer_model, sp_size) -> Path:
+    return fresh_checkpoint(workdir, tokenizer_model, sp_size, "mqa")
+
+
+def hf_model(folder: Path):
+    return transformers.PaliGemmaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def hf_processor(folder: Path):
+    """transformers' PaliGemmaProcessor on the same SentencePiece model, with the PIL image processor."""
+    config = json.loads((folder / "config.json").read_text())
+    vision = config["vision_config"]
+    image_processor = transformers.SiglipImageProcessorPil(
+        size={"height": vision["image_size"], "width": vision["image_size"]})
+    image_processor.image_seq_length = (vision["image_size"] // vision["patch_size"]) ** 2
+    tokenizer = transformers.GemmaTokenizer.from_pretrained(folder)
+    return transformers.PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
