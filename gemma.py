@@ -41,6 +41,7 @@ class GemmaConfig:
     head_dim: int = 256
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
+    max_position_embeddings: int = 8192  # the longest sequence the model was built for
 
 
 class RMSNorm(nn.Module):

@@ -32,7 +32,7 @@ from PIL import Image
 from safetensors import safe_open
 from torch import nn
 
-from gemma import Gemma, GemmaConfig
+from gemma import Gemma, GemmaConfig, KVCache
 from siglip import SiglipConfig, SiglipVisionModel
 
 
@@ -122,6 +122,46 @@ class PaliGemma(nn.Module):
         """input_ids (B, T), pixel_values (B, 3, H, W), attention_mask and token_type_ids (B, T) -> logits (B, T, vocab)."""
         return self.language_model.logits(self.hidden_states(input_ids, pixel_values, attention_mask, token_type_ids))
 
+    @torch.inference_mode()
+    def generate(self, input_ids, pixel_values, attention_mask=None, max_new_tokens: int = 64,
+                 temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None) -> torch.Tensor:
+        """Continues each (left-padded) prompt; returns the new token ids (B, n), n <= max_new_tokens.
+
+        The image is encoded once and the whole prompt (all prefix: bidirectional) is prefilled into the
+        KV-cache in one pass; then one token per step attends to everything before it. A row that has
+        written <eos> gets <pad> from then on, and the loop ends when every row has. Greedy when
+        temperature is 0; otherwise sampled after temperature, top-k and top-p, reproducibly given a seed.
+        """
+        B, T = input_ids.shape
+        max_len = self.config.text_config.max_position_embeddings
+        if T + max_new_tokens > max_len:
+            raise ValueError(f"the prompt is {T} tokens long and {max_new_tokens} new tokens are asked for: "
+                             f"together more than the model's {max_len} positions")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        lm, device = self.language_model, input_ids.device
+        generator = None if seed is None else torch.Generator(device).manual_seed(seed)
+        x = self.embed(input_ids, pixel_values)  # (B, T, D)
+        cache = KVCache(lm.config, B, T + max_new_tokens - 1, x.dtype, device)  # the last token is never fed
+        positions = attention_mask.long().cumsum(-1)  # (B, T)
+        h = lm(x, positions, prefix_lm_mask(attention_mask, torch.zeros_like(input_ids)), cache, 0)
+        # Keys that may be attended to: the prompt's real tokens, then every generated token.
+        visible = torch.cat([attention_mask.bool(), attention_mask.new_ones(B, max_new_tokens, dtype=torch.bool)], -1)
+        position = positions[:, -1:]  # (B, 1)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        out = []
+        for step in range(max_new_tokens):
+            token = sample(lm.logits(h[:, -1]).float(), temperature, top_k, top_p, generator)  # (B,)
+            token = token.masked_fill(done, self.config.pad_token_id)
+            out.append(token)
+            done |= token == self.config.eos_token_id
+            if done.all() or step == max_new_tokens - 1:
+                break
+            position = position + 1
+            slot = T + step  # the new token's place in the cache; it attends to [0, slot]
+            h = lm(lm.embed(token[:, None]), position, visible[:, None, None, :slot + 1], cache, slot)
+        return torch.stack(out, dim=1)
+
     @classmethod
     def from_pretrained(cls, name_or_dir, dtype: torch.dtype = torch.float32, device="cpu") -> "PaliGemma":
         """Loads a Hugging Face-format checkpoint from a local folder or a hub id, strictly.
@@ -157,6 +197,39 @@ class PaliGemma(nn.Module):
                         state[_our_name(key)] = f.get_tensor(key).to(device=device, dtype=dtype)
         model.load_state_dict(state, strict=True, assign=True)
         return model.eval()
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator=None) -> torch.Tensor:
+    """(B, vocab) -> (B,). Greedy at temperature 0; else temperature first, then top-k, then top-p (nucleus)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:  # keep the smallest set of most likely tokens whose probability reaches top_p
+        sorted_logits, order = logits.sort(-1, descending=True)
+        p = sorted_logits.softmax(-1)
+        drop = p.cumsum(-1) - p >= top_p  # the mass before a token already reaches top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+def parse_detections(text: str, width: int, height: int) -> list[tuple[tuple[float, float, float, float], str]]:
+    """`<locY1><locX1><locY2><locX2> label ; ...` -> [((x1, y1, x2, y2) in pixels, label)].
+
+    Coordinates are in 1024ths of the image's height (y) and width (x), y first. Whatever cannot be read
+    as four loc tokens and a label is skipped; segmentation tokens after a box are ignored.
+    """
+    detections = []
+    for m in DETECTION.finditer(text):
+        y1, x1, y2, x2 = (int(v) / 1024 for v in m.groups()[:4])
+        if y2 > y1 and x2 > x1:
+            detections.append(((x1 * width, y1 * height, x2 * width, y2 * height), m.group(5).strip()))
+    return detections
+
+
+DETECTION = re.compile(r"<loc(\d{4})><loc(\d{4})><loc(\d{4})><loc(\d{4})>(?:<seg\d{3}>)*([^;<]*)")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,77 @@
+"""infer.py end to end, as a user runs it."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from infer import draw_detections
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args):
+    return subprocess.run([sys.executable, str(ROOT / "infer.py"), *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(folder / "a.png")
+    Image.fromarray(rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)).save(folder / "b.jpg")
+    (folder / "broken.jpg").write_bytes(b"this is not an image")
+    return folder
+
+
+def test_answers_on_stdout_timings_on_stderr(mqa_checkpoint, images, tmp_path):
+    r = run("--model", mqa_checkpoint, "--image", images / "a.png", "--image", images / "b.jpg",
+            "--prompt", "caption en", "--max-new-tokens", "5", "--device", "cpu", "--out", tmp_path / "boxes.png")
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.splitlines()) == 2  # one answer per image, nothing else
+    assert "tokens/s" in r.stderr and "loaded" in r.stderr
+    assert "holds no boxes" in r.stderr and not list(tmp_path.iterdir())  # a random model draws no boxes
+
+
+def test_sampling_flags(mqa_checkpoint, images):
+    args = ("--model", mqa_checkpoint, "--image", images / "a.png", "--prompt", "caption en", "--max-new-tokens", "6",
+            "--temperature", "0.7", "--top-p", "0.9", "--top-k", "50", "--seed", "1", "--dtype", "float32")
+    first, second = run(*args), run(*args)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == second.stdout
+
+
+@pytest.mark.parametrize("case", ["missing image", "unreadable image", "no weights", "prompt too long", "prompt count"])
+def test_errors_are_one_line_with_exit_code_2(case, mqa_checkpoint, images, tmp_path):
+    model, image, extra = mqa_checkpoint, images / "a.png", []
+    if case == "missing image":
+        image, expected = images / "nope.png", "nope.png: no such image file"
+    elif case == "unreadable image":
+        image, expected = images / "broken.jpg", "broken.jpg: cannot read the image"
+    elif case == "no weights":
+        model = tmp_path / "empty"
+        model.mkdir()
+        shutil.copy(mqa_checkpoint / "config.json", model)
+        expected = "holds no weights"
+    elif case == "prompt too long":
+        extra, expected = ["--max-new-tokens", "9000"], "more than the model's 8192 positions"
+    else:
+        extra, expected = ["--prompt", "ocr", "--prompt", "ocr"], "3 prompts for 1 images"
+    r = run("--model", model, "--image", image, "--prompt", "caption en", "--device", "cpu", *extra)
+    assert r.returncode == 2
+    lines = [line for line in r.stderr.splitlines() if line.startswith("infer.py: error:")]
+    assert len(lines) == 1 and expected in lines[0], r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
+
+
+def test_draw_detections_writes_a_png_of_the_image_size(tmp_path):
+    image = Image.new("RGB", (123, 77), "grey")
+    drawn = draw_detections(image, [((10, 5, 60, 40), "red circle"), ((0, 0, 123, 77), "")])
+    drawn.save(tmp_path / "out.png")
+    with Image.open(tmp_path / "out.png") as saved:
+        assert saved.size == (123, 77) and saved.format == "PNG"
+        assert np.asarray(saved).std() > 0  # something was drawn on the uniform image
