@@ -243,6 +243,13 @@ CHECKPOINT_PREFIXES = {  # checkpoint key prefix -> our parameter prefix
 UNUSED_PREFIXES = ("vision_tower.head.", "lm_head.", "language_model.lm_head.")  # SigLIP's pooling head; the tied head
 
 
+def official_state_dict(model: PaliGemma) -> dict[str, torch.Tensor]:
+    """The model's tensors under the names of the official checkpoints, the layout `from_pretrained` reads."""
+    ours_to_official = {ours: official for official, ours in CHECKPOINT_PREFIXES.items()}
+    return {next(official + key[len(ours):] for ours, official in ours_to_official.items() if key.startswith(ours)): value
+            for key, value in model.state_dict().items()}
+
+
 def _our_name(key: str) -> str:
     for old, new in CHECKPOINT_PREFIXES.items():
         if key.startswith(old):
@@ -365,23 +372,30 @@ class Processor:
         x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)  # (S, S, 3) in [0, 1]
         return ((x - 0.5) / 0.5).permute(2, 0, 1)
 
-    def __call__(self, images, prefixes, suffixes=None) -> dict[str, torch.Tensor]:
+    def text_tokens(self, prefix: str, suffix: str | None = None) -> tuple[list[int], list[int]]:
+        """One example's text, <bos> prefix "\\n" [suffix <eos>], as (ids, token types)."""
+        tok = self.tokenizer
+        ids = [tok.bos_id] + tok.encode(prefix + "\n")
+        types = [0] * len(ids)
+        if suffix is not None:
+            suffix_ids = tok.encode(suffix) + [tok.eos_id]
+            ids, types = ids + suffix_ids, types + [1] * len(suffix_ids)
+        return ids, types
+
+    def __call__(self, images, prefixes, suffixes=None, max_len: int | None = None) -> dict[str, torch.Tensor]:
         """One image per prompt. Returns input_ids, attention_mask, token_type_ids (B, T),
-        pixel_values (B, 3, S, S), and labels (B, T) when suffixes are given."""
+        pixel_values (B, 3, S, S), and labels (B, T) when suffixes are given. With `max_len`, text tokens
+        past max_len are cut (the end of the suffix goes first); the image tokens are not counted."""
         if len(images) != len(prefixes) or (suffixes is not None and len(suffixes) != len(prefixes)):
             raise ValueError(f"got {len(images)} images, {len(prefixes)} prefixes"
                              + ("" if suffixes is None else f" and {len(suffixes)} suffixes") + ": one of each per example")
-        tok = self.tokenizer
+        image_ids = [self.tokenizer.image_token_id] * self.num_image_tokens
         rows = []  # (ids, token types)
         for i, prefix in enumerate(prefixes):
-            ids = [tok.image_token_id] * self.num_image_tokens + [tok.bos_id] + tok.encode(prefix + "\n")
-            types = [0] * len(ids)
-            if suffixes is not None:
-                suffix = tok.encode(suffixes[i]) + [tok.eos_id]
-                ids, types = ids + suffix, types + [1] * len(suffix)
-            rows.append((ids, types))
+            ids, types = self.text_tokens(prefix, None if suffixes is None else suffixes[i])
+            rows.append((image_ids + ids[:max_len], [0] * len(image_ids) + types[:max_len]))
         T = max(len(ids) for ids, _ in rows)
-        input_ids = torch.full((len(rows), T), tok.pad_id, dtype=torch.long)
+        input_ids = torch.full((len(rows), T), self.tokenizer.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), T), dtype=torch.long)
         token_type_ids = torch.zeros((len(rows), T), dtype=torch.long)
         for i, (ids, types) in enumerate(rows):  # left padding: the real tokens end at T

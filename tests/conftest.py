@@ -140,3 +140,28 @@ def hf_processor(folder: Path):
     image_processor.image_seq_length = (vision["image_size"] // vision["patch_size"]) ** 2
     tokenizer = transformers.GemmaTokenizer.from_pretrained(folder)
     return transformers.PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 40)}
+
+
+def make_dataset(folder: Path, n: int, name: str = "train.jsonl", seed: int = 0) -> Path:
+    """n examples of solid-colour images with a little noise: 'answer en what colour is it?' -> colour;
+    every third one a detect prompt with a box."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    lines = []
+    for i in range(n):
+        colour = list(COLOURS)[i % len(COLOURS)]
+        pixels = np.clip(np.array(COLOURS[colour]) + rng.normal(0, 10, (32, 32, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"{name}-{i}.png")
+        if i % 3 == 2:
+            prefix, suffix = "detect square", "<loc0100><loc0200><loc0700><loc0900> square"
+        else:
+            prefix, suffix = "answer en what colour is it?", colour
+        lines.append(json.dumps({"image": f"{name}-{i}.png", "prefix": prefix, "suffix": suffix}))
+    (folder / name).write_text("\n".join(lines) + "\n")
+    return folder / name

@@ -1,0 +1,162 @@
+"""train.py: attention-only fine-tuning, the loss, checkpoints, resume, bad data, torchrun."""
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train
+from conftest import hf_model, hf_processor, make_dataset
+from paligemma import PaliGemma, Processor
+from test_parity import random_images
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("data")
+    make_dataset(folder, 8, "valid.jsonl", seed=1)
+    return make_dataset(folder, 16, "train.jsonl")
+
+
+@pytest.fixture
+def run_train(mqa_checkpoint, data):
+    """train.main in this process, with its signal handlers undone afterwards."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def run(out, *extra, model=mqa_checkpoint, data=data):
+        train.main(["--data", str(data), "--model", str(model), "--out", str(out), "--batch-size", "4",
+                    "--log-every", "1", "--seed", "0", *map(str, extra)])
+        return out
+
+    yield run
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+    train.STOP.clear()
+
+
+def state(folder) -> dict[str, torch.Tensor]:
+    return PaliGemma.from_pretrained(folder).state_dict()
+
+
+def is_attention(name: str) -> bool:
+    return name.startswith("language_model.layers.") and any(f".self_attn.{p}_proj." in name for p in "qkvo")
+
+
+def test_attention_only_changes_exactly_qkvo(run_train, mqa_checkpoint, tmp_path, capsys):
+    out = run_train(tmp_path / "o", "--steps", "1", "--lr", "1e-3")
+    before, after = state(mqa_checkpoint), state(out)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {k for k in before if is_attention(k)}
+    n_attention = sum(v.numel() for k, v in before.items() if is_attention(k))
+    assert f"{n_attention:,} trainable (attn)" in capsys.readouterr().out
+
+
+def test_loss_equals_transformers_and_target_only_logits(mqa_checkpoint):
+    prefixes = ["answer en what colour is it?", "caption en", "detect square"]
+    suffixes = ["red", "a green thing on a table", "<loc0100><loc0200><loc0700><loc0900> square"]
+    batch = hf_processor(mqa_checkpoint)(images=random_images(3), text=prefixes, suffix=suffixes, padding="longest",
+                                         return_tensors="pt")
+    ours = Processor.from_pretrained(mqa_checkpoint)(random_images(3), prefixes, suffixes)
+    assert torch.equal(ours["labels"], batch["labels"])
+    model = PaliGemma.from_pretrained(mqa_checkpoint)
+    inputs = {k: batch[k] for k in ("input_ids", "pixel_values", "attention_mask", "token_type_ids", "labels")}
+    n_targets = (batch["labels"][:, 1:] != -100).sum()
+    with torch.no_grad():
+        loss = train.SuffixLoss(model)(**inputs) / n_targets
+        theirs = hf_model(mqa_checkpoint)(**inputs).loss
+        logits = model(*(inputs[k] for k in ("input_ids", "pixel_values", "attention_mask", "token_type_ids")))
+        full = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100)
+    print(f"loss: ours {loss.item():.7f}, transformers {theirs.item():.7f}, full logits {full.item():.7f}")
+    assert abs(loss - theirs) < 1e-5 and abs(loss - full) < 1e-6
+
+
+def test_tiny_model_overfits(run_train, tmp_path):
+    handful = make_dataset(tmp_path, 4, "handful.jsonl")
+    out = run_train(tmp_path / "o", "--steps", "50", "--lr", "1e-2", "--trainable", "all", "--eval-every", "0", data=handful)
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f}; final eval {metrics[-1]}")
+    assert losses[-1] < 0.3 < losses[0]
+
+
+def test_checkpoint_loads_in_ours_and_transformers(run_train, tmp_path):
+    out = run_train(tmp_path / "o", "--steps", "2", "--lr", "1e-2")
+    assert (out / "model.safetensors").exists() and (out / "tokenizer.model").exists()
+    batch = Processor.from_pretrained(out)(random_images(2), ["caption en", "detect square"], ["a", "b"])
+    inputs = {k: batch[k] for k in ("input_ids", "pixel_values", "attention_mask", "token_type_ids")}
+    with torch.no_grad():
+        ours = PaliGemma.from_pretrained(out)(**inputs)
+        theirs = hf_model(out)(**inputs, labels=batch["labels"]).logits
+    assert (ours - theirs)[batch["attention_mask"].bool()].abs().max() < 1e-5
+
+
+def test_resume_equals_uninterrupted(run_train, tmp_path, monkeypatch):
+    straight = run_train(tmp_path / "straight", "--steps", "6", "--lr", "1e-2", "--eval-every", "0")
+
+    def log_then_interrupt(*args, **kwargs):  # as if Ctrl-C came during step 3
+        if str(args[0]).startswith("step 3/"):
+            train.STOP.append(True)
+    monkeypatch.setattr(train, "log", log_then_interrupt)
+    run_train(tmp_path / "resumed", "--steps", "6", "--lr", "1e-2", "--eval-every", "0")
+    assert torch.load(tmp_path / "resumed" / "train_state.pt")["step"] == 3
+    train.STOP.clear()
+    run_train(tmp_path / "resumed", "--steps", "6", "--lr", "1e-2", "--eval-every", "0", "--resume")
+    a, b = state(straight), state(tmp_path / "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_non_finite_loss_stops_before_saving(run_train, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        run_train(tmp_path / "o", "--steps", "3", "--lr", "1e30", "--optimizer", "sgd", "--clip", "0")
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "non-finite loss" in err and "nothing saved" in err
+    assert not (tmp_path / "o" / "model.safetensors").exists()
+
+
+def test_bad_lines_are_reported_with_file_and_line(run_train, data, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    good = data.read_text().splitlines()
+    for name in ("train.jsonl-0.png", "train.jsonl-1.png", "train.jsonl-2.png", "train.jsonl-3.png"):
+        (tmp_path / name).write_bytes((data.parent / name).read_bytes())
+    bad.write_text("\n".join(good[:4] + [
+        "{not json",
+        json.dumps({"image": "train.jsonl-0.png", "prefix": "caption en"}),
+        json.dumps({"image": "missing.png", "prefix": "caption en", "suffix": "x"}),
+        json.dumps({"image": "broken.png", "prefix": "caption en", "suffix": "x"}),
+    ]) + "\n")
+    with pytest.raises(SystemExit) as e:
+        run_train(tmp_path / "o", "--steps", "1", data=bad)
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert f"{bad}:5: not valid JSON" in err
+    assert f"{bad}:6: missing or not a string: suffix" in err
+    assert f"{bad}:7: image {tmp_path / 'missing.png'} does not exist" in err
+    assert f"{bad}:8: image {tmp_path / 'broken.png'} cannot be decoded" in err
+    assert "4 bad line(s)" in err
+    run_train(tmp_path / "o", "--steps", "1", "--skip-bad", data=bad)
+    assert f"skipped 4 bad line(s)" in capsys.readouterr().out
+
+
+def test_torchrun_two_processes_equal_one(mqa_checkpoint, data, tmp_path):
+    # SGD: Adam would amplify the last-bit differences of summing the batch in another order
+    common = ["--data", data, "--model", mqa_checkpoint, "--steps", "3", "--optimizer", "sgd", "--lr", "0.5", "--device", "cpu",
+              "--eval-every", "0"]
+    one = [sys.executable, ROOT / "train.py", *common, "--batch-size", "4", "--out", tmp_path / "one"]
+    two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", ROOT / "train.py", *common,
+           "--batch-size", "2", "--out", tmp_path / "two"]
+    for cmd in (one, two):
+        r = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 processes" in r.stdout and r.stdout.count("step 3/3") == 1  # only rank 0 logs
+    a, b = state(tmp_path / "one"), state(tmp_path / "two")
+    assert not torch.equal(a["language_model.layers.0.self_attn.q_proj.weight"], state(mqa_checkpoint)["language_model.layers.0.self_attn.q_proj.weight"])
+    assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
