@@ -1,4 +1,4 @@
-"""Gemma, the decoder-only language model inside PaliGemma.
+"""Gemma and Gemma 2, the decoder-only language models inside PaliGemma and PaliGemma 2.
 
 Gemma (Gemma Team, 2024) is a pre-norm transformer decoder:
 
@@ -11,6 +11,15 @@ Gemma (Gemma Team, 2024) is a pre-norm transformer decoder:
 Details that matter for exact logits: RMSNorm is computed in float32 and scales by (1 + weight);
 the embedding multiplier sqrt(hidden) is cast to the activation dtype; RoPE rotates the two halves
 of each head (not interleaved pairs); the MLP is down(gelu_tanh(gate(x)) * up(x)).
+
+Gemma 2 (Gemma Team, 2024b) is the same model with five differences, each a config field here:
+  post_norms               RMSNorm also on the output of attention and of the MLP (4 norms a layer)
+  query_pre_attn_scalar    attention scores scaled by its -1/2 power instead of head_dim's (144 in 27B)
+  attn_logit_softcapping   scores -> cap * tanh(scores / cap) before the mask (50); this one path
+                           does not use the fused SDPA kernel, which cannot cap
+  final_logit_softcapping  the same on the output logits (30)
+  sliding_window           layers marked "sliding_attention" in layer_types (every other one) attend
+                           causally to the last 4096 positions only
 
 What it is not: a tokenizer, a sampler or a PaliGemma-specific model. The caller passes the input
 embeddings (so that PaliGemma can put image features among them), the positions and the boolean
@@ -42,6 +51,13 @@ class GemmaConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     max_position_embeddings: int = 8192  # the longest sequence the model was built for
+    # Gemma 2 (see the module docstring); the defaults are Gemma 1's.
+    post_norms: bool = False
+    query_pre_attn_scalar: float | None = None  # None: head_dim
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    sliding_window: int | None = None
+    layer_types: list[str] | None = None  # "sliding_attention" or "full_attention", one per layer
 
 
 class RMSNorm(nn.Module):
@@ -99,6 +115,8 @@ class GemmaAttention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
+        self.softcap = cfg.attn_logit_softcapping
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None, cache_start: int = 0):
         B, T, _ = x.shape
@@ -109,7 +127,15 @@ class GemmaAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, cache_start, k, v)  # (B, K, S, hd), S = cache_start + T
         # mask (B, 1, T, S) bool, True = may attend. Each group of H/K query heads shares one kv head.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads)
+        if self.softcap is None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
+                                               enable_gqa=self.num_kv_heads != self.num_heads)
+        else:  # Gemma 2: cap the scores before the mask; SDPA has no hook for that
+            k, v = (t.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1) for t in (k, v))  # (B, H, S, hd)
+            scores = (q @ k.transpose(-2, -1)) * self.scale  # (B, H, T, S)
+            scores = self.softcap * torch.tanh(scores / self.softcap)
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+            y = scores.softmax(-1, dtype=torch.float32).to(q.dtype) @ v  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -127,14 +153,23 @@ class GemmaMLP(nn.Module):
 class GemmaDecoderLayer(nn.Module):
     def __init__(self, cfg: GemmaConfig, layer_idx: int):
         super().__init__()
+        self.post_norms = cfg.post_norms
+        self.sliding = cfg.layer_types is not None and cfg.layer_types[layer_idx] == "sliding_attention"
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = GemmaAttention(cfg, layer_idx)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)  # the pre-MLP norm
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = GemmaMLP(cfg)
+        if cfg.post_norms:
+            self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask, cache=None, cache_start=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_start)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_start)
+        if self.post_norms:  # Gemma 2: x + N(Attn(N(x))), then x + N(MLP(N(x)))
+            x = x + self.post_attention_layernorm(h)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x))  # in Gemma 1 this norm comes *before* the MLP
 
 
 class Gemma(nn.Module):
@@ -150,17 +185,21 @@ class Gemma(nn.Module):
         x = self.embed_tokens(input_ids)
         return x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)
 
-    def forward(self, x, positions, mask, cache: KVCache | None = None, cache_start: int = 0) -> torch.Tensor:
+    def forward(self, x, positions, mask, cache: KVCache | None = None, cache_start: int = 0,
+                sliding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Input embeddings (B, T, D), positions (B, T), mask (B, 1, T, S) -> final hidden states (B, T, D).
 
         With a cache, the T new positions are written at [cache_start, cache_start + T) and attend to
-        everything cached before them (S = cache_start + T); without one, S = T.
+        everything cached before them (S = cache_start + T); without one, S = T. Gemma 2's sliding-window
+        layers use `sliding_mask` (same shape) instead of `mask`.
         """
         cos, sin = rope(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache, cache_start)
+            x = layer(x, cos, sin, sliding_mask if layer.sliding else mask, cache, cache_start)
         return self.norm(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """(..., D) -> (..., vocab) through the tied output head: the embedding matrix, transposed."""
-        return F.linear(h, self.embed_tokens.weight)
+        logits = F.linear(h, self.embed_tokens.weight)
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else cap * torch.tanh(logits / cap)

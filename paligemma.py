@@ -45,6 +45,9 @@ def _dataclass_from_dict(cls, d: dict):
     return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 
+GEMMA2_DEFAULTS = dict(query_pre_attn_scalar=256, attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=4096)
+
+
 @dataclass
 class PaliGemmaConfig:
     vision_config: SiglipConfig = field(default_factory=SiglipConfig)
@@ -59,6 +62,10 @@ class PaliGemmaConfig:
         d = json.loads(Path(path).read_text())
         text = dict(d.get("text_config", {}))
         text.setdefault("rope_theta", text.get("rope_parameters", {}).get("rope_theta", GemmaConfig.rope_theta))
+        if text.get("model_type") == "gemma2":  # PaliGemma 2; absent fields take transformers' Gemma2Config defaults
+            text = GEMMA2_DEFAULTS | {"layer_types": [("sliding_attention", "full_attention")[i % 2] for i in
+                                                      range(text.get("num_hidden_layers", GemmaConfig.num_hidden_layers))]} | text
+            text["post_norms"] = True
         return cls(
             vision_config=_dataclass_from_dict(SiglipConfig, d.get("vision_config", {})),
             text_config=_dataclass_from_dict(GemmaConfig, text),
@@ -70,7 +77,7 @@ class PaliGemmaConfig:
 # The model
 
 
-def prefix_lm_mask(attention_mask: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
+def prefix_lm_mask(attention_mask: torch.Tensor, token_type_ids: torch.Tensor, sliding_window: int | None = None) -> torch.Tensor:
     """PaliGemma's attention mask, in big_vision's formulation.
 
     attention_mask (B, T): 1 for real tokens, 0 for padding.
@@ -80,9 +87,16 @@ def prefix_lm_mask(attention_mask: torch.Tensor, token_type_ids: torch.Tensor) -
     Every suffix token starts a new causal step; the prefix is step 0. A query sees the keys whose step
     is not later than its own: the prefix sees all of the prefix (bidirectional), a suffix token sees
     the prefix and the suffix up to itself (causal). Padding is never attended to.
+
+    With a sliding window (Gemma 2's local layers, as transformers has them), causal attention reaches
+    back fewer than `sliding_window` positions, while the prefix still sees all of itself.
     """
     step = token_type_ids.cumsum(-1)  # (B, T)
     visible = step[:, None, :] <= step[:, :, None]  # (B, T_query, T_key)
+    if sliding_window is not None:
+        i = torch.arange(step.shape[1], device=step.device)
+        in_prefix = step == 0
+        visible &= (i[:, None] - i[None, :] < sliding_window) | (in_prefix[:, :, None] & in_prefix[:, None, :])
     return (visible & attention_mask.bool()[:, None, :])[:, None]
 
 
@@ -108,6 +122,12 @@ class PaliGemma(nn.Module):
             )
         return x.masked_scatter(is_image[..., None], features.to(x.dtype))  # patches in row-major order
 
+    def masks(self, attention_mask, token_type_ids) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The prefix-LM mask, and its sliding-window variant when the decoder has one (PaliGemma 2)."""
+        window = self.config.text_config.sliding_window
+        return (prefix_lm_mask(attention_mask, token_type_ids),
+                None if window is None else prefix_lm_mask(attention_mask, token_type_ids, window))
+
     def hidden_states(self, input_ids, pixel_values, attention_mask=None, token_type_ids=None) -> torch.Tensor:
         """The decoder's final hidden states (B, T, D), before the output head."""
         if attention_mask is None:
@@ -116,7 +136,8 @@ class PaliGemma(nn.Module):
             token_type_ids = torch.zeros_like(input_ids)
         x = self.embed(input_ids, pixel_values)
         positions = attention_mask.long().cumsum(-1)  # 1-based as in transformers, and left padding is skipped
-        return self.language_model(x, positions, prefix_lm_mask(attention_mask, token_type_ids))
+        mask, sliding_mask = self.masks(attention_mask, token_type_ids)
+        return self.language_model(x, positions, mask, sliding_mask=sliding_mask)
 
     def forward(self, input_ids, pixel_values, attention_mask=None, token_type_ids=None) -> torch.Tensor:
         """input_ids (B, T), pixel_values (B, 3, H, W), attention_mask and token_type_ids (B, T) -> logits (B, T, vocab)."""
@@ -144,9 +165,12 @@ class PaliGemma(nn.Module):
         x = self.embed(input_ids, pixel_values)  # (B, T, D)
         cache = KVCache(lm.config, B, T + max_new_tokens - 1, x.dtype, device)  # the last token is never fed
         positions = attention_mask.long().cumsum(-1)  # (B, T)
-        h = lm(x, positions, prefix_lm_mask(attention_mask, torch.zeros_like(input_ids)), cache, 0)
+        mask, sliding_mask = self.masks(attention_mask, torch.zeros_like(input_ids))
+        h = lm(x, positions, mask, cache, 0, sliding_mask)
         # Keys that may be attended to: the prompt's real tokens, then every generated token.
         visible = torch.cat([attention_mask.bool(), attention_mask.new_ones(B, max_new_tokens, dtype=torch.bool)], -1)
+        window = lm.config.sliding_window
+        slots = torch.arange(T + max_new_tokens, device=device)  # for the sliding window
         position = positions[:, -1:]  # (B, 1)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         out = []
@@ -159,7 +183,9 @@ class PaliGemma(nn.Module):
                 break
             position = position + 1
             slot = T + step  # the new token's place in the cache; it attends to [0, slot]
-            h = lm(lm.embed(token[:, None]), position, visible[:, None, None, :slot + 1], cache, slot)
+            mask = visible[:, None, None, :slot + 1]
+            sliding_mask = None if window is None else mask & (slot - slots[:slot + 1] < window)
+            h = lm(lm.embed(token[:, None]), position, mask, cache, slot, sliding_mask)
         return torch.stack(out, dim=1)
 
     @classmethod
@@ -327,9 +353,10 @@ class Tokenizer:
         return ids
 
     def decode(self, ids) -> str:
-        """Text of the ids, without <pad>, <bos>, <eos> and <image>; <loc>/<seg> tokens are kept as text."""
-        skip = {self.pad_id, self.bos_id, self.eos_id, self.image_token_id}
-        pieces = [self.sp.id_to_piece(i) for i in ids if i not in skip]
+        """Text of the ids, without <pad>, <bos>, <eos>, <image> and ids past the vocabulary (the embedding
+        has spare rows); <loc>/<seg> tokens are kept as text."""
+        skip = {self.pad_id, self.bos_id, self.eos_id}
+        pieces = [self.sp.id_to_piece(i) for i in ids if i not in skip and 0 <= i < self.sp.get_piece_size()]
         text, run = "", []
         for piece in pieces:
             if self.SPECIAL.fullmatch(piece):

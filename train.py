@@ -234,9 +234,13 @@ def save_checkpoint(out: Path, source: Path, model: PaliGemma, optimizer, step: 
     """An official-layout checkpoint (weights, config.json, tokenizer files) plus train_state.pt."""
     out.mkdir(parents=True, exist_ok=True)
     if source.resolve() != out.resolve():
-        for f in source.iterdir():  # config.json, tokenizer.model and the other tokenizer/processor files
-            if f.name == "tokenizer.model" or (f.suffix == ".json" and f.name != "model.safetensors.index.json"):
+        for f in source.iterdir():  # tokenizer.model and the other tokenizer/processor files
+            if f.name == "tokenizer.model" or (f.suffix == ".json" and f.name not in ("model.safetensors.index.json", "config.json")):
                 write_atomically(out / f.name, functools.partial(shutil.copyfile, f))
+    config = json.loads((source / "config.json").read_text())
+    if args.no_final_softcap:  # the fine-tuned model is used without the cap it was trained without
+        config["text_config"]["final_logit_softcapping"] = None
+    write_atomically(out / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
     state = {k: v.contiguous() for k, v in official_state_dict(model).items()}
     write_atomically(out / "model.safetensors",
                      lambda tmp: save_file(state, tmp, metadata={"format": "pt", "step": str(step)}))
@@ -282,6 +286,8 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--warmup", type=float, default=0.1, help="fraction of the steps with a linear warm-up, then cosine decay")
     p.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping (0: none)")
+    p.add_argument("--no-final-softcap", action="store_true",
+                   help="PaliGemma 2: train (and save) without the final logit soft-cap, as big_vision's transfers do")
     p.add_argument("--max-len", type=int, default=128, help="text tokens per example, image tokens not counted")
     p.add_argument("--skip-bad", action="store_true", help="skip bad JSONL lines instead of stopping")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute decoder layers in backward: less memory")
@@ -322,6 +328,8 @@ def main(argv=None):
         processor = Processor.from_pretrained(source)
     except (OSError, ValueError) as e:
         fail(str(e))
+    if args.no_final_softcap:
+        model.config.text_config.final_logit_softcapping = None
     truncated = sum(len(processor.text_tokens(e["prefix"], e["suffix"])[0]) > args.max_len for e in train_set)
     if truncated:
         log(f"data: {truncated} training example(s) longer than --max-len {args.max_len} text tokens are truncated")

@@ -11,6 +11,8 @@ import shutil
 import sys
 from pathlib import Path
 
+import signal
+
 import pytest
 import sentencepiece as spm
 import torch
@@ -36,6 +38,21 @@ CONFIGS = {
     "gqa": dict(text=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
                           num_key_value_heads=2, head_dim=24),
                 vision=dict(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6, image_size=42)),
+}
+
+
+# PaliGemma 2 (Gemma 2 decoder): grouped-query with a query scale other than head_dim (as in the 28B),
+# multi-query, and a sliding window shorter than the sequences the tests use.
+CONFIGS2 = {
+    "pg2-gqa": dict(text=dict(model_type="gemma2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=16),
+                    vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28)),
+    "pg2-mqa": dict(text=dict(model_type="gemma2", hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+                              num_attention_heads=4, num_key_value_heads=1, head_dim=16),
+                    vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=42)),
+    "pg2-window": dict(text=dict(model_type="gemma2", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=6),
+                       vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=42)),
 }
 
 
@@ -111,14 +128,14 @@ def sp_size(tokenizer_model) -> int:
 def fresh_checkpoint(workdir: Path, tokenizer_model: Path, sp_size: int, name: str) -> Path:
     folder = workdir / f"fresh-{name}"
     if not folder.exists():
-        cfg = CONFIGS[name]
+        cfg = (CONFIGS | CONFIGS2)[name]
         make_checkpoint(folder, tokenizer_model, hf_config(sp_size, cfg["text"], cfg["vision"]))
     return folder
 
 
-@pytest.fixture(scope="session", params=sorted(CONFIGS))
+@pytest.fixture(scope="session", params=sorted(CONFIGS) + sorted(CONFIGS2))
 def checkpoint(request, workdir, tokenizer_model, sp_size) -> Path:
-    """A fresh transformers 5 save, one per config."""
+    """A fresh transformers 5 save, one per config, PaliGemma 1 and 2."""
     return fresh_checkpoint(workdir, tokenizer_model, sp_size, request.param)
 
 
@@ -128,7 +145,9 @@ def mqa_checkpoint(workdir, tokenizer_model, sp_size) -> Path:
 
 
 def hf_model(folder: Path):
-    return transformers.PaliGemmaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    """transformers' PaliGemma in float32; eager attention, the only one that applies Gemma 2's soft-capping."""
+    return transformers.PaliGemmaForConditionalGeneration.from_pretrained(
+        folder, dtype=torch.float32, attn_implementation="eager").eval()
 
 
 def hf_processor(folder: Path):
@@ -165,3 +184,28 @@ def make_dataset(folder: Path, n: int, name: str = "train.jsonl", seed: int = 0)
         lines.append(json.dumps({"image": f"{name}-{i}.png", "prefix": prefix, "suffix": suffix}))
     (folder / name).write_text("\n".join(lines) + "\n")
     return folder / name
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("data")
+    make_dataset(folder, 8, "valid.jsonl", seed=1)
+    return make_dataset(folder, 16, "train.jsonl")
+
+
+@pytest.fixture
+def run_train(mqa_checkpoint, data):
+    """train.main in this process, with its signal handlers undone afterwards."""
+    import train
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def run(out, *extra, model=mqa_checkpoint, data=data):
+        train.main(["--data", str(data), "--model", str(model), "--out", str(out), "--batch-size", "4",
+                    "--log-every", "1", "--seed", "0", *map(str, extra)])
+        return out
+
+    yield run
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+    train.STOP.clear()

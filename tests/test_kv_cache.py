@@ -3,7 +3,7 @@
 import torch
 
 from gemma import KVCache
-from paligemma import PaliGemma, Processor, prefix_lm_mask
+from paligemma import PaliGemma, Processor
 from test_parity import PREFIXES, SUFFIXES, random_images
 
 
@@ -16,11 +16,18 @@ def test_cached_decoding_equals_full_forward(checkpoint):
     lm = model.language_model
     with torch.no_grad():
         full = model(ids, batch["pixel_values"], am, tt)
-        x, positions, mask = model.embed(ids, batch["pixel_values"]), am.cumsum(-1), prefix_lm_mask(am, tt)
+        x, positions = model.embed(ids, batch["pixel_values"]), am.cumsum(-1)
+        masks = model.masks(am, tt)  # the prefix-LM mask, and its sliding-window variant for PaliGemma 2
+
+        def rows(start, end):  # the masks' rows for queries [start, end), over keys [0, end)
+            return [None if m is None else m[:, :, start:end, :end] for m in masks]
+
         cache = KVCache(lm.config, B, max_len=T + 5, dtype=x.dtype, device=x.device)
-        steps = [lm.logits(lm(x[:, :P], positions[:, :P], mask[:, :, :P, :P], cache, 0))]
+        mask, sliding = rows(0, P)
+        steps = [lm.logits(lm(x[:, :P], positions[:, :P], mask, cache, 0, sliding))]
         for t in range(P, T):
-            steps.append(lm.logits(lm(x[:, t:t + 1], positions[:, t:t + 1], mask[:, :, t:t + 1, :t + 1], cache, t)))
+            mask, sliding = rows(t, t + 1)
+            steps.append(lm.logits(lm(x[:, t:t + 1], positions[:, t:t + 1], mask, cache, t, sliding)))
     stepped = torch.cat(steps, dim=1)
     keep = am.bool()
     diff = (stepped[keep] - full[keep]).abs().max().item()

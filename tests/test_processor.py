@@ -53,7 +53,7 @@ def test_tokenizer_special_tokens(mqa_checkpoint):
     text = "<loc0000><loc1023><seg000><seg127> a red circle ; <loc0005> square"
     ids = tok.encode(text)
     assert tok.sp.piece_to_id("<loc1023>") in ids and len([i for i in ids if tok.SPECIAL.fullmatch(tok.sp.id_to_piece(i))]) == 5
-    assert tok.decode([tok.bos_id] + ids + [tok.eos_id, tok.image_token_id]) == text
+    assert tok.decode([tok.bos_id] + ids + [tok.eos_id, tok.image_token_id, tok.sp.get_piece_size() + 7]) == text
 
 
 def test_tokenizer_without_loc_tokens_is_refused(tmp_path):

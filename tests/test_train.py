@@ -1,7 +1,6 @@
 """train.py: attention-only fine-tuning, the loss, checkpoints, resume, bad data, torchrun."""
 
 import json
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,29 +15,6 @@ from paligemma import PaliGemma, Processor
 from test_parity import random_images
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("data")
-    make_dataset(folder, 8, "valid.jsonl", seed=1)
-    return make_dataset(folder, 16, "train.jsonl")
-
-
-@pytest.fixture
-def run_train(mqa_checkpoint, data):
-    """train.main in this process, with its signal handlers undone afterwards."""
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def run(out, *extra, model=mqa_checkpoint, data=data):
-        train.main(["--data", str(data), "--model", str(model), "--out", str(out), "--batch-size", "4",
-                    "--log-every", "1", "--seed", "0", *map(str, extra)])
-        return out
-
-    yield run
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
-    train.STOP.clear()
 
 
 def state(folder) -> dict[str, torch.Tensor]:
