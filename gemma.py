@@ -67,31 +67,31 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))  # stored as an offset from 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * (1.0 + self.weight.float())).type_as(x)
+        # x * rsqrt(mean(x^2) + eps) * (1 + weight), all in float32, then back to x's dtype
+        return F.rms_norm(x.float(), self.weight.shape, 1.0 + self.weight.float(), self.eps).type_as(x)
 
 
 def rope(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary position embedding tables. positions (B, T) -> cos, sin of shape (B, T, head_dim)."""
+    """Rotary position embedding tables. positions (B, T) -> cos, sin of shape (B, 1, T, head_dim)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    freqs = positions.float()[..., None] * inv_freq  # (B, T, head_dim/2)
-    emb = torch.cat([freqs, freqs], dim=-1)  # (B, T, head_dim): the same angle for both halves
+    freqs = positions[:, None, :, None].float() * inv_freq  # (B, 1, T, head_dim/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (B, 1, T, head_dim): the same angle for both halves
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x (B, heads, T, head_dim); rotates the pair (x[i], x[i + head_dim/2]) by the angle of position."""
     x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return x * cos[:, None] + rotated * sin[:, None]
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
 class KVCache:
-    """Keys and values of every layer, allocated once for `max_len` positions and written in place.
+    """Keys and values of every layer, allocated once for `max_len` slots and written in place.
 
-    k, v: (layers, B, kv_heads, max_len, head_dim). `update` writes positions [start, start + T) of one
-    layer and returns that layer's keys and values for [0, start + T).
+    k, v: (layers, B, kv_heads, max_len, head_dim). `update` writes a layer's new keys and values at the
+    given slots and returns the layer's whole cache: attention always spans all max_len slots, and the
+    mask says which hold keys to attend to. The shapes never change, so a compiled decoding step is
+    compiled once.
     """
 
     def __init__(self, cfg: GemmaConfig, batch_size: int, max_len: int, dtype: torch.dtype, device):
@@ -99,11 +99,11 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
-    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = start + k.shape[2]
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+    def update(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v (B, K, T, hd) written at slots (T,) -> this layer's keys and values (B, K, max_len, hd)."""
+        self.k[layer].index_copy_(2, slots, k.to(self.k.dtype))
+        self.v[layer].index_copy_(2, slots, v.to(self.v.dtype))
+        return self.k[layer], self.v[layer]
 
 
 class GemmaAttention(nn.Module):
@@ -118,14 +118,14 @@ class GemmaAttention(nn.Module):
         self.scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
         self.softcap = cfg.attn_logit_softcapping
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, cache_start: int = 0):
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, slots: torch.Tensor | None = None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, hd)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(self.layer_idx, cache_start, k, v)  # (B, K, S, hd), S = cache_start + T
+            k, v = cache.update(self.layer_idx, slots, k, v)  # (B, K, S, hd), S = the cache's max_len
         # mask (B, 1, T, S) bool, True = may attend. Each group of H/K query heads shares one kv head.
         if self.softcap is None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
@@ -163,8 +163,8 @@ class GemmaDecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
             self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache=None, cache_start=0):
-        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_start)
+    def forward(self, x, cos, sin, mask, cache=None, slots=None):
+        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, slots)
         if self.post_norms:  # Gemma 2: x + N(Attn(N(x))), then x + N(MLP(N(x)))
             x = x + self.post_attention_layernorm(h)
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
@@ -185,17 +185,17 @@ class Gemma(nn.Module):
         x = self.embed_tokens(input_ids)
         return x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)
 
-    def forward(self, x, positions, mask, cache: KVCache | None = None, cache_start: int = 0,
+    def forward(self, x, positions, mask, cache: KVCache | None = None, slots: torch.Tensor | None = None,
                 sliding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Input embeddings (B, T, D), positions (B, T), mask (B, 1, T, S) -> final hidden states (B, T, D).
 
-        With a cache, the T new positions are written at [cache_start, cache_start + T) and attend to
-        everything cached before them (S = cache_start + T); without one, S = T. Gemma 2's sliding-window
-        layers use `sliding_mask` (same shape) instead of `mask`.
+        Without a cache, S = T. With one, the T new keys and values are written at cache slots `slots`
+        (T,) and the mask spans all S = max_len slots of the cache. Gemma 2's sliding-window layers use
+        `sliding_mask` (same shape) instead of `mask`.
         """
         cos, sin = rope(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin, sliding_mask if layer.sliding else mask, cache, cache_start)
+            x = layer(x, cos, sin, sliding_mask if layer.sliding else mask, cache, slots)
         return self.norm(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

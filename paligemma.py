@@ -30,6 +30,7 @@ import sentencepiece
 import torch
 from PIL import Image
 from safetensors import safe_open
+import torch.nn.functional as F
 from torch import nn
 
 from gemma import Gemma, GemmaConfig, KVCache
@@ -163,30 +164,39 @@ class PaliGemma(nn.Module):
         lm, device = self.language_model, input_ids.device
         generator = None if seed is None else torch.Generator(device).manual_seed(seed)
         x = self.embed(input_ids, pixel_values)  # (B, T, D)
-        cache = KVCache(lm.config, B, T + max_new_tokens - 1, x.dtype, device)  # the last token is never fed
+        S = T + max_new_tokens - 1  # cache slots: the prompt, then every new token but the last (never fed)
+        cache = KVCache(lm.config, B, S, x.dtype, device)
+        masks = self.masks(attention_mask, torch.zeros_like(input_ids))  # (B, 1, T, T): the prompt is all prefix
+        mask, sliding_mask = (None if m is None else F.pad(m, (0, S - T)) for m in masks)  # (B, 1, T, S)
         positions = attention_mask.long().cumsum(-1)  # (B, T)
-        mask, sliding_mask = self.masks(attention_mask, torch.zeros_like(input_ids))
-        h = lm(x, positions, mask, cache, 0, sliding_mask)
-        # Keys that may be attended to: the prompt's real tokens, then every generated token.
-        visible = torch.cat([attention_mask.bool(), attention_mask.new_ones(B, max_new_tokens, dtype=torch.bool)], -1)
-        window = lm.config.sliding_window
-        slots = torch.arange(T + max_new_tokens, device=device)  # for the sliding window
-        position = positions[:, -1:]  # (B, 1)
+        h = lm(x, positions, mask, cache, torch.arange(T, device=device), sliding_mask)
+        logits = lm.logits(h[:, -1])  # (B, vocab): the head only where the next token is read
+        # Cache slots holding keys to attend to: the prompt's real tokens, then every generated token.
+        visible = F.pad(attention_mask.bool(), (0, S - T), value=True)  # (B, S)
+        position, slot = positions[:, -1:], torch.tensor([T - 1], device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         out = []
         for step in range(max_new_tokens):
-            token = sample(lm.logits(h[:, -1]).float(), temperature, top_k, top_p, generator)  # (B,)
+            token = sample(logits.float(), temperature, top_k, top_p, generator)  # (B,)
             token = token.masked_fill(done, self.config.pad_token_id)
             out.append(token)
             done |= token == self.config.eos_token_id
             if done.all() or step == max_new_tokens - 1:
                 break
-            position = position + 1
-            slot = T + step  # the new token's place in the cache; it attends to [0, slot]
-            mask = visible[:, None, None, :slot + 1]
-            sliding_mask = None if window is None else mask & (slot - slots[:slot + 1] < window)
-            h = lm(lm.embed(token[:, None]), position, mask, cache, slot, sliding_mask)
+            position, slot = position + 1, slot + 1
+            logits = self.decode_step(token, position, slot, visible, cache)
         return torch.stack(out, dim=1)
+
+    def decode_step(self, token, position, slot, visible, cache: KVCache) -> torch.Tensor:
+        """One new token per row: token (B,), position (B, 1), its cache slot (1,), visible slots (B, S)
+        -> next-token logits (B, vocab). Shapes do not change from step to step, so that
+        `model.decode_step = torch.compile(model.decode_step)` compiles it once."""
+        lm = self.language_model
+        slots = torch.arange(visible.shape[1], device=visible.device)
+        mask = (visible & (slots <= slot))[:, None, None, :]  # (B, 1, 1, S): the slots written so far
+        window = lm.config.sliding_window
+        sliding_mask = None if window is None else mask & (slot - slots < window)
+        return lm.logits(lm(lm.embed(token[:, None]), position, mask, cache, slot, sliding_mask)[:, -1])
 
     @classmethod
     def from_pretrained(cls, name_or_dir, dtype: torch.dtype = torch.float32, device="cpu") -> "PaliGemma":

@@ -144,7 +144,17 @@ def micro_batches(n: int, batch_size: int, grad_accum: int, world: int, rank: in
 
 
 # ----------------------------------------------------------------------------------------------
-# Loss and metrics
+# Model, loss and metrics
+
+
+def set_trainable(model: PaliGemma, which: str) -> list[str]:
+    """Freezes all but the `which` parameters (see TRAINABLE), which move to float32; returns their names."""
+    trainable = [name for name, _ in model.named_parameters() if TRAINABLE[which](name)]
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in trainable)
+        if name in trainable:
+            p.data = p.data.float()  # master weights in float32; frozen ones stay in the compute dtype
+    return trainable
 
 
 class SuffixLoss(nn.Module):
@@ -334,11 +344,7 @@ def main(argv=None):
     if truncated:
         log(f"data: {truncated} training example(s) longer than --max-len {args.max_len} text tokens are truncated")
 
-    trainable = [name for name, _ in model.named_parameters() if TRAINABLE[args.trainable](name)]
-    for name, p in model.named_parameters():
-        p.requires_grad_(name in trainable)
-        if name in trainable:
-            p.data = p.data.float()  # master weights in float32; frozen ones stay in the compute dtype
+    trainable = set_trainable(model, args.trainable)
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable, n_total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
     log(f"model: {n_total:,} parameters, {n_trainable:,} trainable ({args.trainable}), compute {dtype}, {device}"

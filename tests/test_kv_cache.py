@@ -1,6 +1,7 @@
 """Prefill into the pre-allocated KV-cache, then one token per step, equals one full forward pass."""
 
 import torch
+import torch.nn.functional as F
 
 from gemma import KVCache
 from paligemma import PaliGemma, Processor
@@ -19,15 +20,17 @@ def test_cached_decoding_equals_full_forward(checkpoint):
         x, positions = model.embed(ids, batch["pixel_values"]), am.cumsum(-1)
         masks = model.masks(am, tt)  # the prefix-LM mask, and its sliding-window variant for PaliGemma 2
 
-        def rows(start, end):  # the masks' rows for queries [start, end), over keys [0, end)
-            return [None if m is None else m[:, :, start:end, :end] for m in masks]
+        S = T + 5  # cache slots past T stay empty and masked
 
-        cache = KVCache(lm.config, B, max_len=T + 5, dtype=x.dtype, device=x.device)
+        def rows(start, end):  # the masks' rows for queries [start, end), over all S cache slots
+            return [None if m is None else F.pad(m[:, :, start:end], (0, S - T)) for m in masks]
+
+        cache = KVCache(lm.config, B, max_len=S, dtype=x.dtype, device=x.device)
         mask, sliding = rows(0, P)
-        steps = [lm.logits(lm(x[:, :P], positions[:, :P], mask, cache, 0, sliding))]
+        steps = [lm.logits(lm(x[:, :P], positions[:, :P], mask, cache, torch.arange(P), sliding))]
         for t in range(P, T):
             mask, sliding = rows(t, t + 1)
-            steps.append(lm.logits(lm(x[:, t:t + 1], positions[:, t:t + 1], mask, cache, t, sliding)))
+            steps.append(lm.logits(lm(x[:, t:t + 1], positions[:, t:t + 1], mask, cache, torch.tensor([t]), sliding)))
     stepped = torch.cat(steps, dim=1)
     keep = am.bool()
     diff = (stepped[keep] - full[keep]).abs().max().item()

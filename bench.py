@@ -1,0 +1,244 @@
+"""Speed and memory of nanoPaliGemma next to transformers' PaliGemma, on the same random weights.
+
+    python bench.py                          # CPU, float32: paligemma-3b-pt-224's widths, 2 layers per tower
+    python bench.py --preset tiny            # a few million parameters, where per-step overhead dominates
+    python bench.py --preset full --compile  # a GPU: the whole paligemma-3b-pt-224 in bfloat16
+
+Both models load the same safetensors (a random transformers PaliGemma saved in a temporary folder;
+nothing is downloaded). Timings alternate between the two so that the machine's drift hits both
+equally; the table shows medians and ours / transformers. Peak training memory is measured in a fresh
+process for each side (peak RSS on CPU, torch.cuda.max_memory_allocated on a GPU).
+"""
+
+import argparse
+import multiprocessing
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+from paligemma import PaliGemma
+from train import SuffixLoss, set_trainable
+
+REAL_TEXT = dict(hidden_size=2048, intermediate_size=16384, num_attention_heads=8, num_key_value_heads=1, head_dim=256)
+REAL_VISION = dict(hidden_size=1152, intermediate_size=4304, num_attention_heads=16, patch_size=14, image_size=224)
+PRESETS = {  # (text config, vision config, vocabulary)
+    "tiny": (dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=1, head_dim=64),
+             dict(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=3, patch_size=14,
+                  image_size=224), 4096),
+    "cpu": (REAL_TEXT | dict(num_hidden_layers=2), REAL_VISION | dict(num_hidden_layers=2), 257216),
+    "full": (REAL_TEXT | dict(num_hidden_layers=18), REAL_VISION | dict(num_hidden_layers=27), 257216),
+}
+PROMPT, SUFFIX, NEW_TOKENS = 10, 16, 64  # text tokens in the prompt (with <bos> and "\n"), in a training suffix; decoded
+
+
+def make_checkpoint(folder: Path, preset: str, dtype: torch.dtype) -> transformers.PaliGemmaConfig:
+    text, vision, vocab = PRESETS[preset]
+    config = transformers.PaliGemmaConfig(
+        text_config=dict(vocab_size=vocab, **text), vision_config=dict(vision_use_head=False, **vision),
+        image_token_index=vocab - 64, projection_dim=text["hidden_size"], hidden_size=text["hidden_size"], vocab_size=vocab)
+    torch.manual_seed(0)
+    transformers.PaliGemmaForConditionalGeneration(config).to(dtype).save_pretrained(folder)
+    return config
+
+
+def make_batch(config, batch: int, suffix: int, device) -> dict[str, torch.Tensor]:
+    """Image tokens, <bos>, a prompt of random tokens and "\\n"; with a suffix, its token types and labels."""
+    g = torch.Generator().manual_seed(batch)
+    n_image = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
+    text = torch.randint(4, config.image_token_index, (batch, PROMPT + suffix), generator=g)
+    text[:, 0] = 2
+    ids = torch.cat([torch.full((batch, n_image), config.image_token_index), text], 1)
+    types = torch.zeros_like(ids)
+    types[:, ids.shape[1] - suffix:] = 1
+    out = dict(input_ids=ids, attention_mask=torch.ones_like(ids), token_type_ids=types,
+               pixel_values=torch.rand(batch, 3, config.vision_config.image_size, config.vision_config.image_size,
+                                       generator=g) * 2 - 1)
+    if suffix:
+        out["labels"] = ids.masked_fill(types == 0, -100)
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def load(side: str, folder: Path, dtype, device):
+    if side == "ours":
+        model = PaliGemma.from_pretrained(folder, dtype=dtype, device=device)
+        model.config.eos_token_id = -1  # decode all NEW_TOKENS, as min_new_tokens does for transformers
+        return model
+    return transformers.PaliGemmaForConditionalGeneration.from_pretrained(folder, dtype=dtype).to(device).eval()
+
+
+def prefill(side, model, batch):
+    """One forward pass over image + prompt; the next-token logits only, as generation needs."""
+    inputs = {k: batch[k] for k in ("input_ids", "pixel_values", "attention_mask", "token_type_ids")}
+    if side == "ours":
+        return model.language_model.logits(model.hidden_states(**inputs)[:, -1])
+    return model(**inputs, logits_to_keep=1).logits
+
+
+def generate(side, model, batch):
+    if side == "ours":
+        return model.generate(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], max_new_tokens=NEW_TOKENS)
+    inputs = {k: batch[k] for k in ("input_ids", "pixel_values", "attention_mask", "token_type_ids")}
+    return model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+
+
+def trainer(side, model, dtype, device):
+    """An attention-only training step (forward, backward, AdamW) for either model, set up alike:
+    the decoder's q/k/v/o in float32 and trainable, everything else frozen, autocast to `dtype`."""
+    if side == "ours":
+        set_trainable(model, "attn")
+        loss_model = SuffixLoss(model)
+    else:
+        for name, p in model.named_parameters():
+            p.requires_grad_(".language_model.layers." in name and ".self_attn." in name)
+            if p.requires_grad:
+                p.data = p.data.float()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    model.train()
+
+    def step(batch):
+        with autocast:
+            if side == "ours":
+                loss = loss_model(**batch) / (batch["labels"][:, 1:] != -100).sum()
+            else:
+                loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step, sum(p.numel() for p in params)
+
+
+def train_memory(side, folder, dtype, device, batch_size) -> float:
+    """Peak memory (GiB) of a fresh process that loads one side and runs two training steps."""
+    model = load(side, folder, dtype, device)
+    step, _ = trainer(side, model, dtype, device)
+    batch = make_batch(transformers.PaliGemmaConfig.from_pretrained(folder), batch_size, SUFFIX, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(2):
+        step(batch)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def alternate(fns: dict, repeat: int, device) -> dict[str, float]:
+    """Median seconds of each function, run in turns after one warm-up call each."""
+    times = {name: [] for name in fns}
+    for r in range(repeat + 1):
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            if r:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def bandwidth(device, dtype) -> float:
+    """Bytes per second of a large matrix-vector product: the rate at which weights can be read."""
+    n = 8192 if device.type == "cpu" else 32768
+    w, x = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, device=device, dtype=dtype)
+    seconds = alternate({"mv": lambda: w @ x}, 10, device)["mv"]
+    return w.numel() * w.element_size() / seconds
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: full on a GPU, cpu on a CPU")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--repeat", type=int, default=3, help="timed runs of each measurement and side")
+    p.add_argument("--compile", action="store_true", help="torch.compile our decoding step and transformers' forward")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bfloat16 peak, for MFU (H100/H200: 989)")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    preset = args.preset or ("full" if device.type == "cuda" else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.set_grad_enabled(False)
+    rows = []  # (what, ours, transformers, higher is better)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        config = make_checkpoint(folder, preset, dtype)
+        sides = ("ours", "transformers")
+        loaded = {}
+        load_times = alternate({s: lambda s=s: loaded.__setitem__(s, load(s, folder, dtype, device)) for s in sides},
+                               args.repeat, device)
+        rows.append(("load (s)", load_times["ours"], load_times["transformers"], False))
+        models = {s: load(s, folder, dtype, device) for s in sides}
+        del loaded
+        if args.compile:
+            models["ours"].decode_step = torch.compile(models["ours"].decode_step)
+            models["transformers"].forward = torch.compile(models["transformers"].forward)
+
+        for b in (1, 8):
+            batch = make_batch(config, b, 0, device)
+            t = alternate({s: lambda s=s: prefill(s, models[s], batch) for s in sides}, args.repeat, device)
+            rows.append((f"prefill, batch {b} (s)", t["ours"], t["transformers"], False))
+        decode = {}
+        for b in (1, 8):
+            batch = make_batch(config, b, 0, device)
+            t = alternate({s: lambda s=s: generate(s, models[s], batch) for s in sides}, args.repeat, device)
+            decode[b] = {s: b * NEW_TOKENS / t[s] for s in sides}
+            rows.append((f"decode {NEW_TOKENS} tokens, batch {b} (tokens/s)", decode[b]["ours"], decode[b]["transformers"], True))
+
+        torch.set_grad_enabled(True)
+        steps = {}
+        for s in sides:
+            steps[s], n_trainable = trainer(s, models[s], dtype, device)
+        batch = make_batch(config, 8, SUFFIX, device)
+        t = alternate({s: lambda s=s: steps[s](batch) for s in sides}, args.repeat, device)
+        rows.append(("attention-only train step, batch 8 (s)", t["ours"], t["transformers"], False))
+        del models, steps
+        ctx = multiprocessing.get_context("spawn")
+        memory = {}
+        for s in sides:
+            with ctx.Pool(1) as pool:
+                memory[s] = pool.apply(train_memory, (s, folder, dtype, device, 8))
+        what = "peak GPU memory allocated" if device.type == "cuda" else "peak RSS"
+        rows.append((f"train step, batch 8: {what} (GiB)", memory["ours"], memory["transformers"], False))
+
+    print(f"\npreset {preset} ({dtype}, {device}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"transformers {transformers.__version__}); medians of {args.repeat}" + (", compiled" if args.compile else ""))
+    print(f"{'':48} {'ours':>12} {'transformers':>13} {'ours/theirs':>12}")
+    for what, ours, theirs, higher_better in rows:
+        print(f"{what:48} {ours:12.4g} {theirs:13.4g} {ours / theirs:11.2f}x")
+
+    # The memory-bandwidth limit of decoding at batch 1: every decoder weight and the output head once per token.
+    text = config.text_config
+    per_layer = text.hidden_size * text.head_dim * (2 * text.num_attention_heads + 2 * text.num_key_value_heads) \
+        + 3 * text.hidden_size * text.intermediate_size + 2 * text.hidden_size
+    weight_bytes = (text.num_hidden_layers * per_layer + text.vocab_size * text.hidden_size) * torch.finfo(dtype).bits // 8
+    bw = bandwidth(device, dtype)
+    limit = bw / weight_bytes
+    print(f"\nweights read per decoded token: {weight_bytes / 2**30:.2f} GiB; measured bandwidth {bw / 1e9:.1f} GB/s "
+          f"-> limit {limit:.1f} tokens/s at batch 1; ours reaches {decode[1]['ours'] / limit:.0%} of it, "
+          f"transformers {decode[1]['transformers'] / limit:.0%}")
+    print(f"trainable parameters (attention only): {n_trainable:,}")
+    if device.type == "cuda":
+        n_image = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
+        tokens = 8 * (n_image + PROMPT + SUFFIX)
+        decoder = text.num_hidden_layers * per_layer
+        vision = config.vision_config.num_hidden_layers * (4 * config.vision_config.hidden_size ** 2 + 2 *
+                                                            config.vision_config.hidden_size * config.vision_config.intermediate_size)
+        # forward everywhere; backward: input gradients through the decoder, weight gradients of attention only
+        flops = 2 * 8 * n_image * vision + 2 * tokens * decoder + 2 * tokens * decoder + 2 * tokens * n_trainable
+        mfu = flops / rows[-2][1] / (args.peak_tflops * 1e12)
+        print(f"train step model-FLOPs utilisation (ours, approximate): {mfu:.1%} of {args.peak_tflops:g} TFLOPS")
+
+
+if __name__ == "__main__":
+    main()
