@@ -109,19 +109,25 @@ def read_jsonl(path: Path, skip_bad: bool) -> list[dict]:
 
 
 def default_val_file(train_file: Path) -> Path | None:
-    for name in ("_annotations.valid.jsonl", "valid.jsonl"):
-        if (train_file.parent / name).is_file() and train_file.parent / name != train_file:
-            return train_file.parent / name
-    return None
+    """The validation file beside a training file, under the names Roboflow's exports use:
+    _annotations.valid.jsonl (PaliGemma export) or valid/annotations.jsonl (JSONL export), or valid.jsonl."""
+    candidates = [train_file.parent / "_annotations.valid.jsonl", train_file.parent / "valid.jsonl",
+                  train_file.parent.parent / "valid" / train_file.name]
+    return next((c for c in candidates if c.is_file() and c.resolve() != train_file.resolve()), None)
 
 
-def collate(examples: list[dict], processor: Processor, max_len: int) -> dict[str, torch.Tensor]:
+def load_images(examples: list[dict]) -> list[Image.Image]:
     images = []
     for e in examples:
         with Image.open(e["image"]) as im:
             im.load()
             images.append(im)
-    return processor(images, [e["prefix"] for e in examples], [e["suffix"] for e in examples], max_len=max_len)
+    return images
+
+
+def collate(examples: list[dict], processor: Processor, max_len: int) -> dict[str, torch.Tensor]:
+    """A training batch: the prompts with their suffixes, labels on the suffixes."""
+    return processor(load_images(examples), [e["prefix"] for e in examples], [e["suffix"] for e in examples], max_len=max_len)
 
 
 def micro_batches(n: int, batch_size: int, grad_accum: int, world: int, rank: int, seed: int, start: int, steps: int):
@@ -202,26 +208,32 @@ def detection_ious(predicted: str, target: str) -> list[float]:
 
 @torch.no_grad()
 def evaluate(model: PaliGemma, processor: Processor, examples: list[dict], args, device, autocast) -> dict:
-    """Validation loss, and greedy answers scored by exact match (and box IoU for detect prompts)."""
+    """Validation loss, and greedy answers scored: by box IoU for detect prompts, by exact match for the others."""
     model.eval()
-    loss_sum, n_targets, matches, ious, shown = 0.0, 0, 0, [], []
+    loss_sum, n_targets, matches, ious, shown = 0.0, 0, [], [], []
     for i in range(0, len(examples), args.batch_size):
         chunk = examples[i:i + args.batch_size]
-        batch = {k: v.to(device) for k, v in collate(chunk, processor, args.max_len).items()}
+        images, prefixes = load_images(chunk), [e["prefix"] for e in chunk]
+        batch = processor(images, prefixes, [e["suffix"] for e in chunk], max_len=args.max_len)
+        prompts = processor(images, prefixes)  # what the model answers: the prompts alone
+        batch, prompts = ({k: v.to(device) for k, v in b.items()} for b in (batch, prompts))
         with autocast:
             loss_sum += SuffixLoss(model)(**batch).item()
-            new = model.generate(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
+            new = model.generate(prompts["input_ids"], prompts["pixel_values"], prompts["attention_mask"],
                                  max_new_tokens=args.max_len)
         n_targets += int((batch["labels"][:, 1:] != -100).sum())
         for e, row in zip(chunk, new.tolist()):
             answer = processor.decode(row).strip()
-            matches += normalize_answer(answer) == normalize_answer(e["suffix"])
             if e["prefix"].startswith("detect"):
                 ious += detection_ious(answer, e["suffix"])
+            else:
+                matches.append(normalize_answer(answer) == normalize_answer(e["suffix"]))
             if len(shown) < 3:
                 shown.append(f"  {e['prefix']!r} -> {answer!r} (target {e['suffix']!r})")
     model.train()
-    metrics = dict(val_loss=loss_sum / max(n_targets, 1), exact_match=matches / len(examples))
+    metrics = dict(val_loss=loss_sum / max(n_targets, 1))
+    if matches:
+        metrics["exact_match"] = sum(matches) / len(matches)
     if ious:
         metrics["mean_iou"] = sum(ious) / len(ious)
     return metrics, shown
@@ -282,7 +294,8 @@ def resolve_checkpoint_or_fail(name: str) -> Path:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, required=True, help="training JSONL")
-    p.add_argument("--val", type=Path, default=None, help="validation JSONL (default: _annotations.valid.jsonl or valid.jsonl beside --data)")
+    p.add_argument("--val", type=Path, default=None,
+                   help="validation JSONL (default: _annotations.valid.jsonl or valid.jsonl beside --data, or ../valid/ of a train/ folder)")
     p.add_argument("--model", default="google/paligemma-3b-pt-224", help="checkpoint folder or hub id")
     p.add_argument("--out", type=Path, default=Path("out"), help="checkpoint folder to write")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")

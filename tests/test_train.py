@@ -136,3 +136,30 @@ def test_torchrun_two_processes_equal_one(mqa_checkpoint, data, tmp_path):
     a, b = state(tmp_path / "one"), state(tmp_path / "two")
     assert not torch.equal(a["language_model.layers.0.self_attn.q_proj.weight"], state(mqa_checkpoint)["language_model.layers.0.self_attn.q_proj.weight"])
     assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+
+
+def test_evaluation_answers_the_prompt_alone(mqa_checkpoint, data, monkeypatch):
+    """Generation-based metrics must see the prompt only, never the answer they score."""
+    model, processor = PaliGemma.from_pretrained(mqa_checkpoint), Processor.from_pretrained(mqa_checkpoint)
+    examples = train.read_jsonl(data.parent / "valid.jsonl", skip_bad=False)[:4]
+    seen = []
+    generate = model.generate
+    monkeypatch.setattr(model, "generate", lambda input_ids, *a, **k: seen.append(input_ids) or generate(input_ids, *a, **k))
+
+    class Args:
+        batch_size, max_len = 4, 16
+    metrics, shown = train.evaluate(model, processor, examples, Args, torch.device("cpu"), torch.autocast("cpu", enabled=False))
+    prompts = processor(train.load_images(examples), [e["prefix"] for e in examples])
+    assert len(seen) == 1 and torch.equal(seen[0], prompts["input_ids"])
+    assert set(metrics) == {"val_loss", "exact_match", "mean_iou"} and len(shown) == 3
+
+
+def test_default_validation_file(tmp_path):
+    for train_name, val_name in (("_annotations.train.jsonl", "_annotations.valid.jsonl"),
+                                 ("train.jsonl", "valid.jsonl"), ("train/annotations.jsonl", "valid/annotations.jsonl")):
+        folder = tmp_path / train_name.replace("/", "_")
+        for name in (train_name, val_name):
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text("")
+        assert train.default_val_file(folder / train_name) == folder / val_name
+    assert train.default_val_file(tmp_path / "alone" / "train.jsonl") is None
