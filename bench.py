@@ -12,10 +12,11 @@ process for each side (peak RSS on CPU, torch.cuda.max_memory_allocated on a GPU
 
 import argparse
 import multiprocessing
-import resource
+import re
 import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -116,17 +117,19 @@ def trainer(side, model, dtype, device):
 
 
 def train_memory(side, folder, dtype, device, batch_size) -> float:
-    """Peak memory (GiB) of a fresh process that loads one side and runs two training steps."""
+    """Peak memory (GiB) during two training steps, in a fresh process that has loaded only one side."""
     model = load(side, folder, dtype, device)
     step, _ = trainer(side, model, dtype, device)
     batch = make_batch(transformers.PaliGemmaConfig.from_pretrained(folder), batch_size, SUFFIX, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: the peak RSS restarts from the current RSS
     for _ in range(2):
         step(batch)
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) / 2**20
 
 
 def sync(device):
@@ -203,11 +206,10 @@ def main():
         t = alternate({s: lambda s=s: steps[s](batch) for s in sides}, args.repeat, device)
         rows.append(("attention-only train step, batch 8 (s)", t["ours"], t["transformers"], False))
         del models, steps
-        ctx = multiprocessing.get_context("spawn")
         memory = {}
         for s in sides:
-            with ctx.Pool(1) as pool:
-                memory[s] = pool.apply(train_memory, (s, folder, dtype, device, 8))
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                memory[s] = pool.submit(train_memory, s, folder, dtype, device, 8).result()
         what = "peak GPU memory allocated" if device.type == "cuda" else "peak RSS"
         rows.append((f"train step, batch 8: {what} (GiB)", memory["ours"], memory["transformers"], False))
 

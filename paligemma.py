@@ -156,6 +156,8 @@ class PaliGemma(nn.Module):
         """
         B, T = input_ids.shape
         max_len = self.config.text_config.max_position_embeddings
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
         if T + max_new_tokens > max_len:
             raise ValueError(f"the prompt is {T} tokens long and {max_new_tokens} new tokens are asked for: "
                              f"together more than the model's {max_len} positions")
