@@ -1,0 +1,75 @@
+"""The offline quick start: the shapes generator, the committed tiny checkpoint, fine-tuning and inference."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import hf_model
+from paligemma import PaliGemma, Processor
+from test_parity import random_images
+from tiny import shapes
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "tiny" / "paligemma-tiny"
+
+
+def test_generator_is_deterministic(tmp_path):
+    for folder in ("a", "b"):
+        shapes.main(["--out", str(tmp_path / folder), "--train", "12", "--valid", "4", "--seed", "3"])
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert len(files) == 2 + 16
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+    shapes.main(["--out", str(tmp_path / "c"), "--train", "12", "--valid", "4", "--seed", "4"])
+    assert (tmp_path / "c" / "_annotations.train.jsonl").read_text() != (tmp_path / "a" / "_annotations.train.jsonl").read_text()
+
+
+def test_every_drawn_pixel_lies_in_its_box():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        for s in shapes.random_scene(rng):
+            pixels = np.asarray(shapes.draw([s])) != 128  # drawn alone, without noise, on the grey background
+            ys, xs = np.nonzero(pixels.any(-1))
+            x1, y1, x2, y2 = s["box"]
+            assert len(xs) and x1 <= xs.min() and xs.max() < x2 and y1 <= ys.min() and ys.max() < y2
+
+
+def test_detect_suffix_parses_back_to_the_boxes():
+    from paligemma import parse_detections
+
+    scene = [dict(shape="circle", colour="red", box=(10, 20, 40, 50)), dict(shape="square", colour="blue", box=(60, 5, 90, 35))]
+    prefix, suffix = shapes.ask(scene, "detect", np.random.default_rng(1))
+    found = parse_detections(suffix, shapes.SIZE, shapes.SIZE)
+    expected = [s for s in sorted(scene, key=lambda s: s["box"][1]) if s["shape"] in prefix]
+    assert [label for _, label in found] == [s["shape"] for s in expected]
+    for (box, _), s in zip(found, expected):
+        assert np.allclose(box, s["box"], atol=shapes.SIZE / 1024 + 1e-9)
+
+
+def test_committed_checkpoint_matches_transformers():
+    batch = Processor.from_pretrained(TINY)(random_images(2), ["caption en", "detect circle ; square ; triangle"])
+    inputs = {k: batch[k] for k in ("input_ids", "pixel_values", "attention_mask", "token_type_ids")}
+    with torch.no_grad():
+        ours = PaliGemma.from_pretrained(TINY)(**inputs)
+        theirs = hf_model(TINY)(**inputs).logits
+    assert (ours - theirs)[batch["attention_mask"].bool()].abs().max() < 1e-5
+
+
+def test_quick_start_end_to_end(tmp_path):
+    """The README's quick start, shortened: a few fine-tuning steps, then boxes drawn by infer.py."""
+    data = tmp_path / "count"
+    shapes.main(["--out", str(data), "--tasks", "count,detect", "--train", "32", "--valid", "8"])
+    out = tmp_path / "tiny-count"
+    r = subprocess.run([sys.executable, ROOT / "train.py", "--data", data / "_annotations.train.jsonl", "--model", TINY,
+                        "--out", out, "--steps", "3", "--batch-size", "16", "--lr", "2e-3", "--eval-every", "3"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "exact_match" in r.stdout and "mean_iou" in r.stdout and (out / "model.safetensors").exists()
+    png = tmp_path / "boxes.png"
+    r = subprocess.run([sys.executable, ROOT / "infer.py", "--model", out, "--image", data / "images" / "valid-00000.jpg",
+                        "--prompt", shapes.ALL_SHAPES_PROMPT, "--out", png], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "<loc" in r.stdout and png.exists(), r.stdout + r.stderr
