@@ -123,9 +123,13 @@ class PaliGemma(nn.Module):
             )
         return x.masked_scatter(is_image[..., None], features.to(x.dtype))  # patches in row-major order
 
-    def masks(self, attention_mask, token_type_ids) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The prefix-LM mask, and its sliding-window variant when the decoder has one (PaliGemma 2)."""
+    def masks(self, attention_mask, token_type_ids) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The prefix-LM mask, and its sliding-window variant when the decoder has one (PaliGemma 2).
+        None and None when every token may see every token (no padding, no suffix, no window reached)."""
         window = self.config.text_config.sliding_window
+        T = attention_mask.shape[1]
+        if attention_mask.all() and not token_type_ids.any() and (window is None or T <= window):
+            return None, None
         return (prefix_lm_mask(attention_mask, token_type_ids),
                 None if window is None else prefix_lm_mask(attention_mask, token_type_ids, window))
 
@@ -168,7 +172,7 @@ class PaliGemma(nn.Module):
         x = self.embed(input_ids, pixel_values)  # (B, T, D)
         S = T + max_new_tokens - 1  # cache slots: the prompt, then every new token but the last (never fed)
         cache = KVCache(lm.config, B, S, x.dtype, device)
-        masks = self.masks(attention_mask, torch.zeros_like(input_ids))  # (B, 1, T, T): the prompt is all prefix
+        masks = self.masks(attention_mask, torch.zeros_like(input_ids))  # (B, 1, T, T) or None: the prompt is all prefix
         mask, sliding_mask = (None if m is None else F.pad(m, (0, S - T)) for m in masks)  # (B, 1, T, S)
         positions = attention_mask.long().cumsum(-1)  # (B, T)
         h = lm(x, positions, mask, cache, torch.arange(T, device=device), sliding_mask)

@@ -1,6 +1,6 @@
 """Pretrains the tiny PaliGemma in tiny/paligemma-tiny from nothing, on CPU.
 
-    python -m tiny.pretrain                     # about 25 minutes on 2 CPU cores (train.py, --trainable all)
+    python -m tiny.pretrain                     # about 22 minutes on 2 CPU cores (train.py, --trainable all)
 
 1. A shapes dataset (tiny/shapes.py) with every task but `count`, which is left for fine-tuning.
 2. A SentencePiece tokenizer trained on its text, with PaliGemma's layout: <pad> 0, <eos> 1, <bos> 2,
