@@ -8,10 +8,9 @@ shards with an index; each with a SentencePiece model trained here with Gemma's 
 
 import json
 import shutil
+import signal
 import sys
 from pathlib import Path
-
-import signal
 
 import pytest
 import sentencepiece as spm
@@ -22,12 +21,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import transformers  # noqa: E402  (a test dependency: the suite fails, never skips, without it)
 
+from tiny.pretrain import train_tokenizer  # noqa: E402
+
 SENTENCES = [
     "caption en", "answer en what colour is the square?", "answer en how many circles are there?",
     "detect circle ; square", "a red circle and a blue square on a grey background", "two green triangles",
     "the quick brown fox jumps over the lazy dog 0123456789", "Where is the cow standing? On the beach.",
 ]
-SPECIAL_PIECES = ["<mask>"] + [f"<loc{i:04d}>" for i in range(1024)] + [f"<seg{i:03d}>" for i in range(128)]
 
 # Small configs for parity: multi-query and grouped-query attention, head_dim != hidden/heads,
 # image token counts of 4 and 9 (28 and 42 px with 14 px patches).
@@ -54,17 +54,6 @@ CONFIGS2 = {
                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=6),
                        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=42)),
 }
-
-
-def train_tokenizer(path: Path) -> Path:
-    """A SentencePiece model with Gemma's settings and piece names, so transformers' GemmaTokenizer agrees with it."""
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(SENTENCES * 20), model_prefix=str(path / "sp"), vocab_size=1500, hard_vocab_limit=False,
-        model_type="bpe", pad_id=0, eos_id=1, bos_id=2, unk_id=3,
-        pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
-        add_dummy_prefix=False, remove_extra_whitespaces=False, split_digits=True, byte_fallback=True,
-        normalization_rule_name="identity", user_defined_symbols=SPECIAL_PIECES, minloglevel=2)
-    return path / "sp.model"
 
 
 def hf_config(sp_size: int, text: dict, vision: dict, vocab_size: int | None = None):
@@ -117,7 +106,8 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer_model(workdir) -> Path:
-    return train_tokenizer(workdir)
+    """A SentencePiece model trained here with Gemma's settings and special pieces (tiny/pretrain.py)."""
+    return train_tokenizer(SENTENCES * 20, workdir / "sp")
 
 
 @pytest.fixture(scope="session")

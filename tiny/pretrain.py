@@ -33,9 +33,9 @@ VISION = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_a
               image_size=shapes.SIZE)
 
 
-def train_tokenizer(jsonl: Path, prefix: Path) -> Path:
-    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
-    texts = [r["prefix"] + "\n" for r in records] + [r["suffix"] for r in records]
+def train_tokenizer(texts: list[str], prefix: Path) -> Path:
+    """A SentencePiece model with Gemma's settings and PaliGemma's special pieces (so that transformers'
+    GemmaTokenizer agrees with it token for token); returns the .model file."""
     special = ["<mask>"] + [f"<loc{i:04d}>" for i in range(1024)] + [f"<seg{i:03d}>" for i in range(128)]
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter(texts), model_prefix=str(prefix), vocab_size=1500, hard_vocab_limit=False,
@@ -91,7 +91,8 @@ def main(argv=None):
     data = args.work / "shapes"
     shapes.main(["--out", str(data), "--tasks", ",".join(PRETRAIN_TASKS), "--train", str(args.examples),
                  "--valid", "200", "--seed", str(args.seed)])
-    tokenizer = train_tokenizer(data / "_annotations.train.jsonl", args.work / "tokenizer")
+    records = [json.loads(line) for line in (data / "_annotations.train.jsonl").read_text().splitlines()]
+    tokenizer = train_tokenizer([r["prefix"] + "\n" for r in records] + [r["suffix"] for r in records], args.work / "tokenizer")
     init = random_checkpoint(args.work / "init", tokenizer, args.seed)
     run = args.work / "run"
     train.main(["--data", str(data / "_annotations.train.jsonl"), "--model", str(init), "--out", str(run),
