@@ -286,7 +286,7 @@ def load_exact(model: PaliGemma, folder: Path, names: list[str]):
 
 def resolve_checkpoint_or_fail(name: str) -> Path:
     try:
-        return resolve_checkpoint(name, ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.model", "*.json"])
+        return resolve_checkpoint(name, ["*.json", "*.safetensors", "tokenizer.model"])  # weights, config, tokenizer
     except (OSError, ValueError) as e:
         fail(str(e))
 
@@ -345,6 +345,8 @@ def main(argv=None):
     log(f"data: {len(train_set)} training examples from {args.data}; "
         + (f"{len(val_set)} validation examples from {val_file}" if val_file else "no validation file"))
 
+    if args.resume and not (args.out / "train_state.pt").is_file():
+        fail(f"--resume: {args.out} holds no checkpoint written by train.py (no train_state.pt)")
     source = args.out if args.resume else resolve_checkpoint_or_fail(args.model)
     try:
         model = PaliGemma.from_pretrained(source, dtype=dtype, device=device)
