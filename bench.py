@@ -171,18 +171,15 @@ def main():
     preset = args.preset or ("full" if device.type == "cuda" else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.set_grad_enabled(False)
-    rows = []  # (what, ours, transformers, higher is better)
+    rows = []  # (what, ours, transformers)
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         config = make_checkpoint(folder, preset, dtype)
         sides = ("ours", "transformers")
-        loaded = {}
-        load_times = alternate({s: lambda s=s: loaded.__setitem__(s, load(s, folder, dtype, device)) for s in sides},
-                               args.repeat, device)
-        rows.append(("load (s)", load_times["ours"], load_times["transformers"], False))
+        t = alternate({s: lambda s=s: load(s, folder, dtype, device) for s in sides}, args.repeat, device)
+        rows.append(("load (s)", t["ours"], t["transformers"]))
         models = {s: load(s, folder, dtype, device) for s in sides}
-        del loaded
         if args.compile:
             models["ours"].decode_step = torch.compile(models["ours"].decode_step)
             models["transformers"].forward = torch.compile(models["transformers"].forward)
@@ -190,33 +187,33 @@ def main():
         for b in (1, 8):
             batch = make_batch(config, b, 0, device)
             t = alternate({s: lambda s=s: prefill(s, models[s], batch) for s in sides}, args.repeat, device)
-            rows.append((f"prefill, batch {b} (s)", t["ours"], t["transformers"], False))
+            rows.append((f"prefill, batch {b} (s)", t["ours"], t["transformers"]))
         decode = {}
         for b in (1, 8):
             batch = make_batch(config, b, 0, device)
             t = alternate({s: lambda s=s: generate(s, models[s], batch) for s in sides}, args.repeat, device)
             decode[b] = {s: b * NEW_TOKENS / t[s] for s in sides}
-            rows.append((f"decode {NEW_TOKENS} tokens, batch {b} (tokens/s)", decode[b]["ours"], decode[b]["transformers"], True))
+            rows.append((f"decode {NEW_TOKENS} tokens, batch {b} (tokens/s)", decode[b]["ours"], decode[b]["transformers"]))
 
         torch.set_grad_enabled(True)
         steps = {}
         for s in sides:
             steps[s], n_trainable = trainer(s, models[s], dtype, device)
         batch = make_batch(config, 8, SUFFIX, device)
-        t = alternate({s: lambda s=s: steps[s](batch) for s in sides}, args.repeat, device)
-        rows.append(("attention-only train step, batch 8 (s)", t["ours"], t["transformers"], False))
-        del models, steps
+        train_time = alternate({s: lambda s=s: steps[s](batch) for s in sides}, args.repeat, device)
+        rows.append(("attention-only train step, batch 8 (s)", train_time["ours"], train_time["transformers"]))
+        models.clear(), steps.clear()  # free both models before the memory measurements
         memory = {}
         for s in sides:
             with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
                 memory[s] = pool.submit(train_memory, s, folder, dtype, device, 8).result()
         what = "peak GPU memory allocated" if device.type == "cuda" else "peak RSS"
-        rows.append((f"train step, batch 8: {what} (GiB)", memory["ours"], memory["transformers"], False))
+        rows.append((f"train step, batch 8: {what} (GiB)", memory["ours"], memory["transformers"]))
 
     print(f"\npreset {preset} ({dtype}, {device}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"transformers {transformers.__version__}); medians of {args.repeat}" + (", compiled" if args.compile else ""))
     print(f"{'':48} {'ours':>12} {'transformers':>13} {'ours/theirs':>12}")
-    for what, ours, theirs, higher_better in rows:
+    for what, ours, theirs in rows:
         print(f"{what:48} {ours:12.4g} {theirs:13.4g} {ours / theirs:11.2f}x")
 
     # The memory-bandwidth limit of decoding at batch 1: every decoder weight and the output head once per token.
@@ -238,7 +235,7 @@ def main():
                                                             config.vision_config.hidden_size * config.vision_config.intermediate_size)
         # forward everywhere; backward: input gradients through the decoder, weight gradients of attention only
         flops = 2 * 8 * n_image * vision + 2 * tokens * decoder + 2 * tokens * decoder + 2 * tokens * n_trainable
-        mfu = flops / rows[-2][1] / (args.peak_tflops * 1e12)
+        mfu = flops / train_time["ours"] / (args.peak_tflops * 1e12)
         print(f"train step model-FLOPs utilisation (ours, approximate): {mfu:.1%} of {args.peak_tflops:g} TFLOPS")
 
 

@@ -54,9 +54,8 @@ class PaliGemmaConfig:
     vision_config: SiglipConfig = field(default_factory=SiglipConfig)
     text_config: GemmaConfig = field(default_factory=GemmaConfig)
     image_token_index: int = 257152  # <image>, the first id after the 257152 SentencePiece pieces
-    pad_token_id: int = 0
-    eos_token_id: int = 1
-    bos_token_id: int = 2
+    pad_token_id: int = 0  # what generate writes after <eos>
+    eos_token_id: int = 1  # where generate stops a row
 
     @classmethod
     def from_json(cls, path) -> "PaliGemmaConfig":
@@ -70,7 +69,7 @@ class PaliGemmaConfig:
         return cls(
             vision_config=_dataclass_from_dict(SiglipConfig, d.get("vision_config", {})),
             text_config=_dataclass_from_dict(GemmaConfig, text),
-            **{k: d[k] for k in ("image_token_index", "pad_token_id", "eos_token_id", "bos_token_id") if k in d},
+            **{k: d[k] for k in ("image_token_index", "pad_token_id", "eos_token_id") if k in d},
         )
 
 
@@ -285,18 +284,18 @@ CHECKPOINT_PREFIXES = {  # checkpoint key prefix -> our parameter prefix
 UNUSED_PREFIXES = ("vision_tower.head.", "lm_head.", "language_model.lm_head.")  # SigLIP's pooling head; the tied head
 
 
-def official_state_dict(model: PaliGemma) -> dict[str, torch.Tensor]:
-    """The model's tensors under the names of the official checkpoints, the layout `from_pretrained` reads."""
-    ours_to_official = {ours: official for official, ours in CHECKPOINT_PREFIXES.items()}
-    return {next(official + key[len(ours):] for ours, official in ours_to_official.items() if key.startswith(ours)): value
-            for key, value in model.state_dict().items()}
+def _rename(key: str, prefixes: dict[str, str]) -> str:
+    return next((new + key[len(old):] for old, new in prefixes.items() if key.startswith(old)), key)
 
 
 def _our_name(key: str) -> str:
-    for old, new in CHECKPOINT_PREFIXES.items():
-        if key.startswith(old):
-            return new + key[len(old):]
-    return key
+    return _rename(key, CHECKPOINT_PREFIXES)
+
+
+def official_state_dict(model: PaliGemma) -> dict[str, torch.Tensor]:
+    """The model's tensors under the names of the official checkpoints, the layout `from_pretrained` reads."""
+    to_official = {ours: official for official, ours in CHECKPOINT_PREFIXES.items()}
+    return {_rename(key, to_official): value for key, value in model.state_dict().items()}
 
 
 def _listing(names: list[str], most: int = 8) -> str:

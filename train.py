@@ -369,7 +369,6 @@ def main(argv=None):
     if len(train_set) < per_step:
         fail(f"{len(train_set)} training examples are fewer than one step's batch of {per_step}")
     steps = args.steps or max(1, int(args.epochs * len(train_set) // per_step))
-    args.steps = steps
     if args.optimizer == "adamw":
         optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     else:
@@ -405,7 +404,7 @@ def main(argv=None):
         train_set, batch_sampler=list(micro_batches(len(train_set), args.batch_size, args.grad_accum, world, rank,
                                                     args.seed, start, steps)),
         collate_fn=functools.partial(collate, processor=processor, max_len=args.max_len),
-        num_workers=min(4, os.cpu_count() or 1), persistent_workers=False)
+        num_workers=min(4, os.cpu_count() or 1))
     for sig in (signal.SIGINT, signal.SIGTERM):  # before the loader's workers start, so that they inherit it
         signal.signal(sig, lambda *_: STOP.append(True))
     batches = iter(loader)
@@ -466,12 +465,17 @@ def main(argv=None):
             t_log, logged_step, tokens_since_log = now, done, 0
         if args.eval_every and done % args.eval_every == 0 and done != steps:
             run_eval(done)
-        if STOP or done == steps or (args.save_every and done % args.save_every == 0):
+        stop = bool(STOP)
+        if world > 1:  # a signal may reach the ranks during different steps: all stop at the same one
+            flag = torch.tensor(float(stop), device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = flag.item() > 0
+        if stop or done == steps or (args.save_every and done % args.save_every == 0):
             if rank == 0:
                 save_checkpoint(args.out, source, model, optimizer, done, args)
             if world > 1:
                 dist.barrier()
-        if STOP:
+        if stop:
             log(f"stopped at step {done}; continue with --resume")
             break
     else:

@@ -1,11 +1,10 @@
 """Our logits equal transformers' PaliGemma on the same weights and inputs (float32)."""
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
-from conftest import hf_config, hf_model, hf_processor, make_checkpoint
+from conftest import hf_config, hf_model, make_checkpoint
 from paligemma import PaliGemma, Processor
 
 TOL = 1e-4  # the issue's bound; the measured differences are printed (pytest -s)

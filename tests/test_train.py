@@ -119,7 +119,7 @@ def test_bad_lines_are_reported_with_file_and_line(run_train, data, tmp_path, ca
     assert f"{bad}:8: image {tmp_path / 'broken.png'} cannot be decoded" in err
     assert "4 bad line(s)" in err
     run_train(tmp_path / "o", "--steps", "1", "--skip-bad", data=bad)
-    assert f"skipped 4 bad line(s)" in capsys.readouterr().out
+    assert "skipped 4 bad line(s)" in capsys.readouterr().out
 
 
 def test_torchrun_two_processes_equal_one(mqa_checkpoint, data, tmp_path):
