@@ -72,38 +72,38 @@ class RMSNorm(nn.Module):
 
 
 def rope(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary position embedding tables. positions (B, T) -> cos, sin of shape (B, 1, T, head_dim)."""
+    """Rotary position embedding tables. positions (B, T) -> cos, sin of shape (B, 1, T, head_dim).
+
+    Both halves of a head share each angle; sin carries the rotation's sign, -sin on the first half."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
     freqs = positions[:, None, :, None].float() * inv_freq  # (B, 1, T, head_dim/2)
-    emb = torch.cat([freqs, freqs], dim=-1)  # (B, 1, T, head_dim): the same angle for both halves
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    cos, sin = freqs.cos(), freqs.sin()
+    return torch.cat([cos, cos], dim=-1).to(dtype), torch.cat([-sin, sin], dim=-1).to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, heads, T, head_dim); rotates the pair (x[i], x[i + head_dim/2]) by the angle of position."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    """x (B, heads, T, head_dim); rotates the pair (x[i], x[i + head_dim/2]) by the angle of position:
+    (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin). Swapping the halves is a roll by head_dim/2."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 class KVCache:
     """Keys and values of every layer, allocated once for `max_len` slots and written in place.
 
-    k, v: (layers, B, kv_heads, max_len, head_dim). `update` writes a layer's new keys and values at the
+    k, v: one (B, kv_heads, max_len, head_dim) tensor per layer. `update` writes a layer's new keys and values at the
     given slots and returns the layer's whole cache: attention always spans all max_len slots, and the
     mask says which hold keys to attend to. The shapes never change, so a compiled decoding step is
     compiled once.
     """
 
     def __init__(self, cfg: GemmaConfig, batch_size: int, max_len: int, dtype: torch.dtype, device):
-        shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
 
     def update(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v (B, K, T, hd) written at slots (T,) -> this layer's keys and values (B, K, max_len, hd)."""
-        self.k[layer].index_copy_(2, slots, k.to(self.k.dtype))
-        self.v[layer].index_copy_(2, slots, v.to(self.v.dtype))
-        return self.k[layer], self.v[layer]
+        return self.k[layer].index_copy_(2, slots, k), self.v[layer].index_copy_(2, slots, v)
 
 
 class GemmaAttention(nn.Module):
