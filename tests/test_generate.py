@@ -106,3 +106,18 @@ def test_parse_detections():
         assert parse_detections(garbage, 100, 100) == [], garbage
     truncated = "<loc0100><loc0200><loc0300><loc0400> dog ; <loc0010><loc00"
     assert parse_detections(truncated, 1024, 1024) == [((200.0, 100.0, 400.0, 300.0), "dog")]
+
+
+def test_compiled_decode_step_compiles_once(mqa_checkpoint):
+    """`model.decode_step = torch.compile(model.decode_step)` (README): same tokens, and every step of a
+    generate call, and a second call with the same shapes, reuse one compiled graph."""
+    model, processor = PaliGemma.from_pretrained(mqa_checkpoint), Processor.from_pretrained(mqa_checkpoint)
+    batch = processor(random_images(3), PREFIXES)
+    eager = model.generate(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], max_new_tokens=6)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model.decode_step = torch.compile(model.decode_step)
+    for _ in range(2):
+        compiled = model.generate(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], max_new_tokens=6)
+        assert torch.equal(compiled, eager)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
