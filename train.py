@@ -7,10 +7,11 @@ Data: one JSON object per line, {"image": "relative/to/the/jsonl.jpg", "prefix":
 "suffix": "..."}: the format of Roboflow's PaliGemma export and of big_vision. The loss is the mean
 next-token cross-entropy over the suffix and <eos> tokens of the batch, with the output head applied
 only at those positions. Trainable weights are kept in float32 and the frozen ones in the compute
-dtype, with autocast. `--out` receives a checkpoint in the official Hugging Face layout (config.json,
-model.safetensors, tokenizer files) that `infer.py`, `PaliGemma.from_pretrained` and transformers
-load, plus train_state.pt (optimizer state and step) for `--resume`. Ctrl-C (or SIGTERM) saves at the
-end of the current step and stops; a non-finite loss stops before anything is written.
+dtype, with autocast (and loss scaling in float16, for GPUs without bfloat16). `--out` receives a
+checkpoint in the official Hugging Face layout (config.json, model.safetensors, tokenizer files) that
+`infer.py`, `PaliGemma.from_pretrained` and transformers load, plus train_state.pt (optimizer state
+and step) for `--resume`. Ctrl-C (or SIGTERM) saves at the end of the current step and stops; a
+non-finite loss stops before anything is written.
 
 What it is not: a general trainer. No LoRA, no mixed datasets, no evaluation beyond exact match and
 box IoU.
@@ -252,7 +253,7 @@ def write_atomically(path: Path, write):
     os.replace(tmp, path)
 
 
-def save_checkpoint(out: Path, source: Path, model: PaliGemma, optimizer, step: int, args):
+def save_checkpoint(out: Path, source: Path, model: PaliGemma, optimizer, scaler, step: int, args):
     """An official-layout checkpoint (weights, config.json, tokenizer files) plus train_state.pt."""
     out.mkdir(parents=True, exist_ok=True)
     if source.resolve() != out.resolve():
@@ -267,7 +268,7 @@ def save_checkpoint(out: Path, source: Path, model: PaliGemma, optimizer, step: 
     write_atomically(out / "model.safetensors",
                      lambda tmp: save_file(state, tmp, metadata={"format": "pt", "step": str(step)}))
     write_atomically(out / "train_state.pt", lambda tmp: torch.save(
-        dict(step=step, optimizer=optimizer.state_dict(), trainable=args.trainable), tmp))
+        dict(step=step, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), trainable=args.trainable), tmp))
     log(f"saved {out} at step {step}")
 
 
@@ -373,6 +374,8 @@ def main(argv=None):
         optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     else:
         optimizer = torch.optim.SGD(params, lr=args.lr, weight_decay=args.weight_decay)
+    # float16 gradients underflow without loss scaling (bfloat16 has float32's range and needs none)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     start = 0
     if args.resume:
         state = torch.load(args.out / "train_state.pt", map_location=device)
@@ -381,6 +384,8 @@ def main(argv=None):
         if load_exact(model, args.out, trainable) != state["step"]:
             fail(f"{args.out}: model.safetensors and train_state.pt are from different steps")
         optimizer.load_state_dict(state["optimizer"])
+        if state["scaler"] and scaler.is_enabled():  # empty when the run so far was not in float16
+            scaler.load_state_dict(state["scaler"])
         start = state["step"]
         log(f"resumed from {args.out} at step {start}")
 
@@ -442,17 +447,21 @@ def main(argv=None):
             sync = world == 1 or i == args.grad_accum - 1  # DDP all-reduces gradients on the last micro-batch only
             with (contextlib.nullcontext() if sync else loss_model.no_sync()), autocast:
                 loss = loss_model(**batch)
-            (loss * world / n_targets).backward()  # DDP averages over ranks; the mean is over the global targets
+            scaler.scale(loss * world / n_targets).backward()  # DDP averages over ranks; the mean is over the global targets
             loss_sum += loss.detach()
             tokens_since_log += int(batch["attention_mask"].sum()) * world
         if world > 1:
             dist.all_reduce(loss_sum)
         loss = (loss_sum / n_targets).item()
+        scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip if args.clip > 0 else float("inf"))
-        if not math.isfinite(loss) or not torch.isfinite(grad_norm):
+        if scaler.is_enabled() and math.isfinite(loss) and not torch.isfinite(grad_norm):
+            log(f"step {step + 1}: float16 gradients overflowed at loss scale {scaler.get_scale():g}; step skipped, scale lowered")
+        elif not math.isfinite(loss) or not torch.isfinite(grad_norm):
             fail(f"non-finite loss ({loss}) or gradient norm ({grad_norm.item()}) at step {step + 1}; stopped before the "
                  f"optimizer step, nothing saved (try a lower --lr). The last checkpoint in {args.out}, if any, is intact.")
-        optimizer.step()
+        scaler.step(optimizer)  # optimizer.step(), unless float16 gradients overflowed
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
         if done % args.log_every == 0 or done == steps:
@@ -472,7 +481,7 @@ def main(argv=None):
             stop = flag.item() > 0
         if stop or done == steps or (args.save_every and done % args.save_every == 0):
             if rank == 0:
-                save_checkpoint(args.out, source, model, optimizer, done, args)
+                save_checkpoint(args.out, source, model, optimizer, scaler, done, args)
             if world > 1:
                 dist.barrier()
         if stop:
