@@ -230,13 +230,7 @@ class PaliGemma(nn.Module):
                     (("missing tensors", missing), ("unexpected tensors", unexpected), ("wrong shapes", wrong)) if names]
         if problems:
             raise ValueError(f"checkpoint {folder} does not match its config.json: " + "; ".join(problems))
-        state = {}
-        for file, keys in _checkpoint_files(folder).items():
-            with safe_open(file, framework="pt") as f:
-                for key in keys:
-                    if _our_name(key) in expected:
-                        state[_our_name(key)] = f.get_tensor(key).to(device=device, dtype=dtype)
-        model.load_state_dict(state, strict=True, assign=True)
+        model.load_state_dict(read_tensors(folder, expected.keys(), dtype, device), strict=True, assign=True)
         return model.eval()
 
 
@@ -300,6 +294,18 @@ def official_state_dict(model: PaliGemma) -> dict[str, torch.Tensor]:
 
 def _listing(names: list[str], most: int = 8) -> str:
     return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def read_tensors(folder: Path, names, dtype: torch.dtype | None = None, device="cpu") -> dict[str, torch.Tensor]:
+    """{our name: tensor} for the `names` found in the checkpoint in folder, read one at a time and
+    converted to dtype (None: as stored) on device."""
+    tensors = {}
+    for file, keys in _checkpoint_files(folder).items():
+        with safe_open(file, framework="pt") as f:
+            for key in keys:
+                if _our_name(key) in names:
+                    tensors[_our_name(key)] = f.get_tensor(key).to(device=device, dtype=dtype)
+    return tensors
 
 
 def _checkpoint_files(folder: Path) -> dict[Path, list[str]]:

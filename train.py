@@ -41,7 +41,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from infer import default_device
-from paligemma import PaliGemma, Processor, official_state_dict, parse_detections, resolve_checkpoint
+from paligemma import PaliGemma, Processor, official_state_dict, parse_detections, read_tensors, resolve_checkpoint
 
 TRAINABLE = {  # --trainable: which parameters learn
     "attn": lambda name: name.startswith("language_model.layers.") and ".self_attn." in name,  # q, k, v, o
@@ -273,13 +273,11 @@ def save_checkpoint(out: Path, source: Path, model: PaliGemma, optimizer, scaler
 
 
 def load_exact(model: PaliGemma, folder: Path, names: list[str]):
-    """Re-reads the named parameters from folder/model.safetensors in their stored (float32) precision."""
+    """Re-reads the named parameters from the checkpoint in folder at their stored precision, so that the
+    float32 weights in training start from the checkpoint's values, not from their compute-dtype rounding."""
     params = dict(model.named_parameters())
-    official = dict(zip(model.state_dict().keys(), official_state_dict(model).keys()))
-    with safe_open(folder / "model.safetensors", framework="pt") as f:
-        for name in names:
-            params[name].data.copy_(f.get_tensor(official[name]))
-        return int(f.metadata()["step"])
+    for name, tensor in read_tensors(folder, set(names)).items():
+        params[name].data.copy_(tensor)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -361,6 +359,7 @@ def main(argv=None):
         log(f"data: {truncated} training example(s) longer than --max-len {args.max_len} text tokens are truncated")
 
     trainable = set_trainable(model, args.trainable)
+    load_exact(model, source, trainable)
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable, n_total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
     log(f"model: {n_total:,} parameters, {n_trainable:,} trainable ({args.trainable}), compute {dtype}, {device}"
@@ -381,8 +380,9 @@ def main(argv=None):
         state = torch.load(args.out / "train_state.pt", map_location=device)
         if state["trainable"] != args.trainable:
             fail(f"{args.out} was trained with --trainable {state['trainable']}, not {args.trainable}")
-        if load_exact(model, args.out, trainable) != state["step"]:
-            fail(f"{args.out}: model.safetensors and train_state.pt are from different steps")
+        with safe_open(args.out / "model.safetensors", framework="pt") as f:
+            if int(f.metadata()["step"]) != state["step"]:
+                fail(f"{args.out}: model.safetensors and train_state.pt are from different steps")
         optimizer.load_state_dict(state["optimizer"])
         if state["scaler"] and scaler.is_enabled():  # empty when the run so far was not in float16
             scaler.load_state_dict(state["scaler"])
