@@ -158,12 +158,12 @@ def alternate(fns: dict, repeat: int, device) -> dict[str, float]:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def matvecs(device, dtype, repeat=10):
-    """Large matrix-vector products, and the bytes of matrix they read: the rate at which weights can be
-    read from memory, which bounds batch-1 decoding."""
+def matvecs(device, dtype):
+    """Ten large matrix-vector products, and the bytes of matrix they read: the rate at which weights can
+    be read from memory, which bounds batch-1 decoding."""
     n = 8192 if device.type == "cpu" else 32768
     w, x = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, device=device, dtype=dtype)
-    return (lambda: [w @ x for _ in range(repeat)]), repeat * w.numel() * w.element_size()
+    return (lambda: [w @ x for _ in range(10)]), 10 * w.numel() * w.element_size()
 
 
 def main():
@@ -171,7 +171,8 @@ def main():
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: full on a GPU, cpu on a CPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeat", type=int, default=3, help="timed runs of each measurement and side")
-    p.add_argument("--compile", action="store_true", help="compile the decoding of both sides (ours: decode_step; transformers: static cache)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decoding of both sides (ours: decode_step; transformers: static cache)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bfloat16 peak, for MFU (H100/H200: 989)")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -197,7 +198,8 @@ def main():
         decode, generated = {}, {}  # tokens/s of the decoding steps alone; of the whole generate call
         for b in (1, 8):
             batch = make_batch(config, b, 0, device)
-            fns = {(s, n): lambda s=s, n=n: generate(s, models[s], batch, n, args.compile) for s in sides for n in (1, NEW_TOKENS)}
+            fns = {(s, n): lambda s=s, n=n: generate(s, models[s], batch, n, args.compile)
+                   for s in sides for n in (1, NEW_TOKENS)}
             if b == 1:  # the memory-bandwidth bound, timed in turns with the decoding it bounds
                 fns["matvec", 1], matvec_bytes = matvecs(device, dtype)
                 if args.compile:  # and what a user of transformers gets by default
@@ -209,7 +211,8 @@ def main():
             generated[b] = {s: b * NEW_TOKENS / t[s, NEW_TOKENS] for s, n in t if n == NEW_TOKENS}
             # Generating 1 token is the prefill and the first token; the difference is NEW_TOKENS - 1 steps.
             decode[b] = {s: b * (NEW_TOKENS - 1) / (t[s, NEW_TOKENS] - t[s, 1]) for s, n in t if n == NEW_TOKENS}
-            rows.append((f"generate {NEW_TOKENS} tokens, batch {b} (tokens/s)", generated[b]["ours"], generated[b]["transformers"]))
+            rows.append((f"generate {NEW_TOKENS} tokens, batch {b} (tokens/s)",
+                         generated[b]["ours"], generated[b]["transformers"]))
             rows.append(("  its decoding steps alone (tokens/s)", decode[b]["ours"], decode[b]["transformers"]))
             if "default" in generated[b]:
                 rows.append(("  generate vs transformers' default (eager)", generated[b]["ours"], generated[b]["default"]))

@@ -90,9 +90,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class KVCache:
     """Keys and values of every layer, allocated once for `max_len` slots and written in place.
 
-    k, v: one (B, kv_heads, max_len, head_dim) tensor per layer. `update` writes a layer's new keys and values at the
-    given slots and returns the layer's whole cache: attention always spans all max_len slots, and the
-    mask says which hold keys to attend to. The shapes never change, so a compiled decoding step is
+    k, v: one (B, kv_heads, max_len, head_dim) tensor per layer. `update` writes a layer's new keys and
+    values at the given slots and returns the layer's whole cache: attention always spans all max_len
+    slots, and the mask says which hold keys to attend to. The shapes never change, so a compiled decoding step is
     compiled once.
     """
 

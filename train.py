@@ -272,14 +272,6 @@ def save_checkpoint(out: Path, source: Path, model: PaliGemma, optimizer, scaler
     log(f"saved {out} at step {step}")
 
 
-def load_exact(model: PaliGemma, folder: Path, names: list[str]):
-    """Re-reads the named parameters from the checkpoint in folder at their stored precision, so that the
-    float32 weights in training start from the checkpoint's values, not from their compute-dtype rounding."""
-    params = dict(model.named_parameters())
-    for name, tensor in read_tensors(folder, set(names)).items():
-        params[name].data.copy_(tensor)
-
-
 # ----------------------------------------------------------------------------------------------
 
 
@@ -359,7 +351,9 @@ def main(argv=None):
         log(f"data: {truncated} training example(s) longer than --max-len {args.max_len} text tokens are truncated")
 
     trainable = set_trainable(model, args.trainable)
-    load_exact(model, source, trainable)
+    # Re-read at their stored precision: the float32 weights start from the checkpoint's values, not their rounding.
+    for name, tensor in read_tensors(source, set(trainable)).items():
+        model.get_parameter(name).data.copy_(tensor)
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable, n_total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
     log(f"model: {n_total:,} parameters, {n_trainable:,} trainable ({args.trainable}), compute {dtype}, {device}"
@@ -447,7 +441,8 @@ def main(argv=None):
             sync = world == 1 or i == args.grad_accum - 1  # DDP all-reduces gradients on the last micro-batch only
             with (contextlib.nullcontext() if sync else loss_model.no_sync()), autocast:
                 loss = loss_model(**batch)
-            scaler.scale(loss * world / n_targets).backward()  # DDP averages over ranks; the mean is over the global targets
+            # DDP averages over ranks; the mean is over the global targets
+            scaler.scale(loss * world / n_targets).backward()
             loss_sum += loss.detach()
             tokens_since_log += int(batch["attention_mask"].sum()) * world
         if world > 1:
@@ -456,7 +451,8 @@ def main(argv=None):
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip if args.clip > 0 else float("inf"))
         if scaler.is_enabled() and math.isfinite(loss) and not torch.isfinite(grad_norm):
-            log(f"step {step + 1}: float16 gradients overflowed at loss scale {scaler.get_scale():g}; step skipped, scale lowered")
+            log(f"step {step + 1}: float16 gradients overflowed at loss scale {scaler.get_scale():g}; "
+                "step skipped, scale lowered")
         elif not math.isfinite(loss) or not torch.isfinite(grad_norm):
             fail(f"non-finite loss ({loss}) or gradient norm ({grad_norm.item()}) at step {step + 1}; stopped before the "
                  f"optimizer step, nothing saved (try a lower --lr). The last checkpoint in {args.out}, if any, is intact.")
