@@ -23,7 +23,8 @@ import torch
 import transformers
 
 from paligemma import PaliGemma
-from train import SuffixLoss, set_trainable
+from processor import count_targets
+from train import TRAINABLE, SuffixLossSum
 
 REAL_TEXT = dict(hidden_size=2048, intermediate_size=16384, num_attention_heads=8, num_key_value_heads=1, head_dim=256)
 REAL_VISION = dict(hidden_size=1152, intermediate_size=4304, num_attention_heads=16, patch_size=14, image_size=224)
@@ -35,14 +36,16 @@ PRESETS = {  # (text config, vision config, vocabulary)
     "cpu": (REAL_TEXT | dict(num_hidden_layers=2), REAL_VISION | dict(num_hidden_layers=2), 257216),
     "full": (REAL_TEXT | dict(num_hidden_layers=18), REAL_VISION | dict(num_hidden_layers=27), 257216),
 }
-PROMPT, SUFFIX, NEW_TOKENS = 10, 16, 64  # text tokens in the prompt (with <bos> and "\n"), in a training suffix; decoded
+# text tokens in the prompt (with <bos> and "\n"), in a training suffix; tokens decoded
+PROMPT, SUFFIX, NEW_TOKENS = 10, 16, 64
 
 
 def make_checkpoint(folder: Path, preset: str, dtype: torch.dtype) -> transformers.PaliGemmaConfig:
     text, vision, vocab = PRESETS[preset]
     config = transformers.PaliGemmaConfig(
         text_config=dict(vocab_size=vocab, **text), vision_config=dict(vision_use_head=False, **vision),
-        image_token_index=vocab - 64, projection_dim=text["hidden_size"], hidden_size=text["hidden_size"], vocab_size=vocab)
+        image_token_index=vocab - 64, projection_dim=text["hidden_size"], hidden_size=text["hidden_size"],
+        vocab_size=vocab)
     torch.manual_seed(0)
     transformers.PaliGemmaForConditionalGeneration(config).to(dtype).save_pretrained(folder)
     return config
@@ -86,7 +89,8 @@ def generate(side, model, batch, new_tokens, compiled=False):
     generation (a static cache, with which generate compiles the forward pass itself); ours is compiled
     by replacing model.decode_step once (see main)."""
     if side == "ours":
-        return model.generate(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], max_new_tokens=new_tokens)
+        return model.generate(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
+                              max_new_tokens=new_tokens)
     inputs = {k: batch[k] for k in ("input_ids", "pixel_values", "attention_mask", "token_type_ids")}
     if compiled:
         compile_config = transformers.CompileConfig()
@@ -99,13 +103,13 @@ def trainer(side, model, dtype, device):
     """An attention-only training step (forward, backward, AdamW) for either model, set up alike:
     the decoder's q/k/v/o in float32 and trainable, everything else frozen, autocast to `dtype`."""
     if side == "ours":
-        set_trainable(model, "attn")
-        loss_model = SuffixLoss(model)
+        learns, loss_model = TRAINABLE["attn"], SuffixLossSum(model)
     else:
-        for name, p in model.named_parameters():
-            p.requires_grad_(".language_model.layers." in name and ".self_attn." in name)
-            if p.requires_grad:
-                p.data = p.data.float()
+        learns = lambda name: ".language_model.layers." in name and ".self_attn." in name  # noqa: E731
+    for name, p in model.named_parameters():
+        p.requires_grad_(learns(name))
+        if p.requires_grad:
+            p.data = p.data.float()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
@@ -114,7 +118,7 @@ def trainer(side, model, dtype, device):
     def step(batch):
         with autocast:
             if side == "ours":
-                loss = loss_model(**batch) / (batch["labels"][:, 1:] != -100).sum()
+                loss = loss_model(**batch) / count_targets(batch["labels"])
             else:
                 loss = model(**batch).loss
         loss.backward()
@@ -173,7 +177,8 @@ def main():
     p.add_argument("--repeat", type=int, default=3, help="timed runs of each measurement and side")
     p.add_argument("--compile", action="store_true",
                    help="compile the decoding of both sides (ours: decode_step; transformers: static cache)")
-    p.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bfloat16 peak, for MFU (H100/H200: 989)")
+    p.add_argument("--peak-tflops", type=float, default=989.0,
+                   help="the GPU's dense bfloat16 peak, for MFU (H100/H200: 989)")
     args = p.parse_args()
     device = torch.device(args.device)
     preset = args.preset or ("full" if device.type == "cuda" else "cpu")
@@ -215,7 +220,8 @@ def main():
                          generated[b]["ours"], generated[b]["transformers"]))
             rows.append(("  its decoding steps alone (tokens/s)", decode[b]["ours"], decode[b]["transformers"]))
             if "default" in generated[b]:
-                rows.append(("  generate vs transformers' default (eager)", generated[b]["ours"], generated[b]["default"]))
+                rows.append(("  generate vs transformers' default (eager)", generated[b]["ours"],
+                             generated[b]["default"]))
                 rows.append(("  decoding steps vs transformers' default", decode[b]["ours"], decode[b]["default"]))
 
         torch.set_grad_enabled(True)
@@ -234,7 +240,8 @@ def main():
         rows.append((f"train step, batch 8: {what} (GiB)", memory["ours"], memory["transformers"]))
 
     print(f"\npreset {preset} ({dtype}, {device}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"transformers {transformers.__version__}); medians of {args.repeat}" + (", compiled" if args.compile else ""))
+          f"transformers {transformers.__version__}); medians of {args.repeat}"
+          + (", compiled" if args.compile else ""))
     print(f"{'':48} {'ours':>12} {'transformers':>13} {'ours/theirs':>12}")
     for what, ours, theirs in rows:
         print(f"{what:48} {ours:12.4g} {theirs:13.4g} {ours / theirs:11.2f}x")
@@ -243,7 +250,8 @@ def main():
     text = config.text_config
     per_layer = text.hidden_size * text.head_dim * (2 * text.num_attention_heads + 2 * text.num_key_value_heads) \
         + 3 * text.hidden_size * text.intermediate_size + 2 * text.hidden_size
-    weight_bytes = (text.num_hidden_layers * per_layer + text.vocab_size * text.hidden_size) * torch.finfo(dtype).bits // 8
+    weight_bytes = (text.num_hidden_layers * per_layer + text.vocab_size * text.hidden_size) \
+        * torch.finfo(dtype).bits // 8
     limit = bw / weight_bytes
     print(f"\nweights read per decoded token: {weight_bytes / 2**30:.2f} GiB; measured bandwidth {bw / 1e9:.1f} GB/s "
           f"-> limit {limit:.1f} tokens/s at batch 1. Decoding steps reach: ours {decode[1]['ours'] / limit:.0%}, "
@@ -254,8 +262,8 @@ def main():
         n_image = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
         tokens = 8 * (n_image + PROMPT + SUFFIX)
         decoder = text.num_hidden_layers * per_layer
-        vision = config.vision_config.num_hidden_layers * (4 * config.vision_config.hidden_size ** 2 + 2 *
-                                                            config.vision_config.hidden_size * config.vision_config.intermediate_size)
+        v = config.vision_config
+        vision = v.num_hidden_layers * (4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size)
         # forward everywhere; backward: input gradients through the decoder, weight gradients of attention only
         flops = 2 * 8 * n_image * vision + 2 * tokens * decoder + 2 * tokens * decoder + 2 * tokens * n_trainable
         mfu = flops / train_time["ours"] / (args.peak_tflops * 1e12)

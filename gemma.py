@@ -26,6 +26,9 @@ embeddings (so that PaliGemma can put image features among them), the positions 
 attention mask (so that PaliGemma can use its prefix-LM mask). `KVCache` is pre-allocated once and
 written in place, so that generation never concatenates tensors step by step.
 
+Shape letters: B batch, T tokens given to this call, S keys attended to (T, or the KVCache's slots),
+D hidden size, H query heads, K key/value heads, hd head_dim, F MLP width, V vocabulary.
+
 Parameter names follow the Hugging Face checkpoints (`embed_tokens`, `layers.{i}.self_attn.q_proj`,
 `input_layernorm`, `post_attention_layernorm` (which is the norm *before* the MLP), `norm`).
 This file imports only torch and can be copied on its own.
@@ -90,18 +93,20 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class KVCache:
     """Keys and values of every layer, allocated once for `max_len` slots and written in place.
 
-    k, v: one (B, kv_heads, max_len, head_dim) tensor per layer. `update` writes a layer's new keys and
-    values at the given slots and returns the layer's whole cache: attention always spans all max_len
-    slots, and the mask says which hold keys to attend to. The shapes never change, so a compiled decoding step is
-    compiled once.
+    k, v: one (B, K, max_len, hd) tensor per layer. `update` writes a layer's new keys and values at
+    the given slots and returns the layer's whole cache. A forward pass with `read_cache=True` attends
+    over all max_len slots, and its mask says which of them hold keys to attend to; without it, the
+    new tokens are written to the cache but attend only to each other (the first chunk of a prompt).
+    The shapes never change, so a compiled decoding step is compiled once.
     """
 
     def __init__(self, cfg: GemmaConfig, batch_size: int, max_len: int, dtype: torch.dtype, device):
+        self.max_len = max_len
         shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
 
-    def update(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """k, v (B, K, T, hd) written at slots (T,) -> this layer's keys and values (B, K, max_len, hd)."""
         return self.k[layer].index_copy_(2, slots, k), self.v[layer].index_copy_(2, slots, v)
 
@@ -110,7 +115,8 @@ class GemmaAttention(nn.Module):
     def __init__(self, cfg: GemmaConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
         self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
@@ -118,16 +124,17 @@ class GemmaAttention(nn.Module):
         self.scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
         self.softcap = cfg.attn_logit_softcapping
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, slots: torch.Tensor | None = None):
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, slots: torch.Tensor | None = None,
+                read_cache: bool = False):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, hd)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            cached = cache.update(self.layer_idx, slots, k, v)  # (B, K, S, hd), S = the cache's max_len
-            if mask is not None:  # without a mask the new tokens attend only to each other (see Gemma.forward)
-                k, v = cached
+            cached = cache.update(self.layer_idx, slots, k, v)  # (B, K, max_len, hd)
+            if read_cache:
+                k, v = cached  # S = max_len
         # mask (B, 1, T, S) bool, True = may attend. Each group of H/K query heads shares one kv head.
         if self.softcap is None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
@@ -166,8 +173,8 @@ class GemmaDecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
             self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache=None, slots=None):
-        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, slots)
+    def forward(self, x, cos, sin, mask, cache=None, slots=None, read_cache=False):
+        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, slots, read_cache)
         if self.post_norms:  # Gemma 2: x + N(Attn(N(x))), then x + N(MLP(N(x)))
             x = x + self.post_attention_layernorm(h)
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
@@ -182,24 +189,39 @@ class Gemma(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(GemmaDecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.has_sliding_layers = any(layer.sliding for layer in self.layers)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T) -> (B, T, D), scaled by sqrt(D) rounded to the weights' dtype."""
         x = self.embed_tokens(input_ids)
         return x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)
 
-    def forward(self, x, positions, mask, cache: KVCache | None = None, slots: torch.Tensor | None = None,
-                sliding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x, positions, mask: torch.Tensor | None, sliding_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None, slots: torch.Tensor | None = None,
+                read_cache: bool = False) -> torch.Tensor:
         """Input embeddings (B, T, D), positions (B, T), mask (B, 1, T, S) -> final hidden states (B, T, D).
 
-        Without a cache, S = T. With one, the T new keys and values are written at cache slots `slots`
-        (T,) and the mask spans all S = max_len slots of the cache. Gemma 2's sliding-window layers use
-        `sliding_mask` (same shape) instead of `mask`. No mask means that every token attends to every
-        token given (and to nothing cached before them): the unmasked SDPA kernel, about twice as fast.
+        mask: bool, True where a query may attend to a key; None: every token given attends to every
+        token given (the unmasked SDPA kernel, about twice as fast). Gemma 2's sliding-window layers use
+        `sliding_mask` (same shape) instead. With a cache, the T new keys and values are written at its
+        slots `slots` (T,); with `read_cache` the tokens attend over all S = max_len slots of the cache
+        (and need a mask that says which slots hold keys), else only to each other (S = T).
         """
+        B, T, _ = x.shape
+        if read_cache and (cache is None or mask is None):
+            raise ValueError("read_cache needs a cache, and a mask over its slots saying which hold keys")
+        if mask is not None and sliding_mask is None and self.has_sliding_layers:
+            raise ValueError("this model has sliding-window layers: give sliding_mask with mask")
+        S = cache.max_len if read_cache else T
+        for name, m in (("mask", mask), ("sliding_mask", sliding_mask)):
+            if m is not None and (m.dtype != torch.bool or m.dim() != 4 or m.shape[0] not in (1, B)
+                                  or m.shape[1:] != (1, T, S)):
+                raise ValueError(f"{name} is {m.dtype} of shape {tuple(m.shape)}; expected bool (B, 1, T, S) = "
+                                 f"({B}, 1, {T}, {S}): {T} tokens attending to {S} "
+                                 + ("cache slots" if read_cache else "tokens"))
         cos, sin = rope(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin, sliding_mask if layer.sliding else mask, cache, slots)
+            x = layer(x, cos, sin, sliding_mask if layer.sliding else mask, cache, slots, read_cache)
         return self.norm(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

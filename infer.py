@@ -5,32 +5,23 @@
 
 Prints one answer per image on stdout (nothing else there), timings on stderr. One prompt serves all
 images, or give one per image. With `--out`, the boxes of a `detect` answer are drawn on the image.
-Bad input (a missing or unreadable image, a checkpoint without weights, a prompt too long) is one
-line on stderr and exit code 2.
+Bad input (a missing or unreadable image, a checkpoint without weights, an option out of range, an
+`--out` that cannot be written or that would overwrite an input image) is one line on stderr and
+exit code 2, before the model is loaded where it can be known then.
 """
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, ImageDraw
 
-from paligemma import PaliGemma, Processor, parse_detections
-
-
-def fail(message: str):
-    print(f"infer.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def default_device() -> str:
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+from cli import fail, number
+from paligemma import PaliGemma, default_dtype, resolve_device
+from processor import Processor, load_image, parse_detections
 
 
 def draw_detections(image: Image.Image, detections) -> Image.Image:
@@ -48,18 +39,36 @@ def draw_detections(image: Image.Image, detections) -> Image.Image:
     return image
 
 
-def load_images(paths: list[str]) -> list[Image.Image]:
-    images = []
+def output_paths(out: str, images: list[str]) -> list[Path]:
+    """Where the drawings go: --out itself, or with several images NAME_0.png, NAME_1.png, ...; checked
+    to be writable image files that are not among the input images."""
+    out = Path(out)
+    if out.is_dir():
+        fail(f"--out {out} is a folder; give a file name such as {out / 'boxes.png'}")
+    if out.suffix.lower() not in Image.registered_extensions() or Image.registered_extensions()[out.suffix.lower()] \
+            not in Image.SAVE:
+        fail(f"--out {out}: give an image file name ending in .png or .jpg (the extension says the format)")
+    if not out.parent.is_dir():
+        fail(f"--out {out}: the folder {out.parent} does not exist")
+    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(images))]
+    inputs = {Path(image).resolve() for image in images}
     for path in paths:
-        if not Path(path).is_file():
-            fail(f"{path}: no such image file")
-        try:
-            with Image.open(path) as image:
-                image.load()
-                images.append(image)
-        except (UnidentifiedImageError, OSError) as e:
-            fail(f"{path}: cannot read the image ({e})")
-    return images
+        if path.resolve() in inputs:
+            fail(f"--out {path} is one of the input images; it would be overwritten")
+        if not os.access(path if path.exists() else path.parent, os.W_OK):
+            fail(f"--out {path}: not writable (permission denied)")
+    return paths
+
+
+def save_image(image: Image.Image, path: Path):
+    """Written to a temporary file beside `path`, then renamed over it: never half an image."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        image.save(tmp, format=Image.registered_extensions()[path.suffix.lower()])
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        fail(f"--out {path}: cannot be written ({e.strerror or e})")
 
 
 def main(argv=None):
@@ -67,26 +76,31 @@ def main(argv=None):
     p.add_argument("--model", default="google/paligemma-3b-pt-224", help="checkpoint folder or hub id")
     p.add_argument("--image", action="append", required=True, help="an image file; repeat for several")
     p.add_argument("--prompt", action="append", required=True, help="e.g. 'caption en'; one for all images or one each")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="0: no top-k")
+    p.add_argument("--max-new-tokens", type=number(int, 1), default=64)
+    p.add_argument("--temperature", type=number(float, 0), default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=number(float, 0, 1, above=True), default=1.0, help="1: no top-p")
+    p.add_argument("--top-k", type=number(int, 0), default=0, help="0: no top-k")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="default: bfloat16 on a GPU that supports it, else float32")
     p.add_argument("--device", default=None, help="default: cuda, then mps, then cpu")
-    p.add_argument("--out", default=None, help="PNG file to draw detected boxes on (with several images, _0, _1, ... are added)")
+    p.add_argument("--out", default=None,
+                   help="image file to draw detected boxes on (with several images, _0, _1, ... are added)")
     args = p.parse_args(argv)
 
     if len(args.prompt) not in (1, len(args.image)):
         fail(f"{len(args.prompt)} prompts for {len(args.image)} images: give one prompt, or one per image")
     prompts = args.prompt * len(args.image) if len(args.prompt) == 1 else args.prompt
-    images = load_images(args.image)
-    device = args.device or default_device()
-    if args.dtype:
-        dtype = getattr(torch, args.dtype)
-    else:
-        dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    out_paths = output_paths(args.out, args.image) if args.out else []
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        fail(f"--{e}")
+    try:
+        images = [load_image(path) for path in args.image]
+    except ValueError as e:
+        fail(str(e))
+    dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
 
     start = time.perf_counter()
     try:
@@ -106,23 +120,20 @@ def main(argv=None):
         fail(str(e))
     seconds = time.perf_counter() - start
     n_tokens = int((new != processor.tokenizer.pad_id).sum())
-    print(f"prompt {batch['input_ids'].shape[1]} tokens x {len(images)}; generated {n_tokens} tokens in {seconds:.2f} s "
+    print(f"prompt {batch['input_ids'].shape[1]} tokens x {len(images)}; "
+          f"generated {n_tokens} tokens in {seconds:.2f} s "
           f"({n_tokens / seconds:.1f} tokens/s, prompt included)", file=sys.stderr)
 
     answers = [processor.decode(row).strip() for row in new.tolist()]
     for answer in answers:
         print(" ".join(answer.splitlines()))
-    if args.out:
-        for i, (image, answer) in enumerate(zip(images, answers)):
-            out = Path(args.out)
-            if len(images) > 1:
-                out = out.with_name(f"{out.stem}_{i}{out.suffix}")
-            detections = parse_detections(answer, *image.size)
-            if detections:
-                draw_detections(image, detections).save(out)
-                print(f"{out}: {len(detections)} boxes drawn", file=sys.stderr)
-            else:
-                print(f"{args.image[i]}: the answer holds no boxes; nothing written to {out}", file=sys.stderr)
+    for image, answer, out, name in zip(images, answers, out_paths, args.image):
+        detections = parse_detections(answer, *image.size)
+        if detections:
+            save_image(draw_detections(image, detections), out)
+            print(f"{out}: {len(detections)} boxes drawn", file=sys.stderr)
+        else:
+            print(f"{name}: the answer holds no boxes; nothing written to {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -11,42 +11,65 @@ text prompt (the *prefix*) and writes text (the *suffix*):
                                         v
                               Gemma decoder (gemma.py) --> logits (B, T, 257216)
 
-This file holds what is PaliGemma-specific: the configuration read from a checkpoint's
-`config.json`, the merge of image features into the token embeddings (image features are *not*
-scaled by sqrt(hidden), text embeddings are), the prefix-LM attention mask, 1-based positions,
-strict loading of the Hugging Face safetensors, and the processor (image preprocessing and the
-prompt's token layout) with its SentencePiece tokenizer.
+This file holds what is PaliGemma-specific, in this order: the configuration read from a
+checkpoint's `config.json` (checked: a wrong field is an error that names it); the default device
+and dtype; the prefix-LM attention mask; sampling; where a checkpoint's tensors are and what they
+are called; the model itself (the merge of image features into the token embeddings,
+where image features are *not* scaled by sqrt(hidden) and text embeddings are; 1-based positions;
+generation, which encodes the image once, prefills the prompt into a KV-cache and then decodes one
+token per step; strict loading of the Hugging Face safetensors from a folder or a hub id).
 
-What it is not: a training loop (train.py) or a command-line tool (infer.py).
+What it is not: the tokenizer, the image preprocessing and the parsing of answers (processor.py), a
+training loop (train.py) or a command-line tool (infer.py). It imports torch and safetensors only
+(and huggingface_hub when given a hub id), so that it can be copied with siglip.py and gemma.py.
+
+Shape letters, as in gemma.py: B batch, T tokens, N image tokens (SigLIP's patches), D the decoder's
+hidden size, S keys (T, or the KV-cache's slots), V vocabulary.
 """
 
 import json
-import re
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Callable
 
-import numpy as np
-import sentencepiece
 import torch
-from PIL import Image
-from safetensors import safe_open
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from gemma import Gemma, GemmaConfig, KVCache
 from siglip import SiglipConfig, SiglipVisionModel
 
-
 # ----------------------------------------------------------------------------------------------
 # Configuration
 
 
-def _dataclass_from_dict(cls, d: dict):
-    """Fills the fields of `cls` found in `d`; every other key of a transformers config is ignored."""
-    return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+def _dataclass_from_dict(cls, d, where: str):
+    """Fills the fields of `cls` found in `d`, each checked against the field's type (sizes >= 1);
+    every other key of a transformers config is ignored."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{where} is {type(d).__name__}; expected a JSON object")
+    values = {}
+    for f in fields(cls):
+        if f.name not in d:
+            continue
+        v = d[f.name]
+        kinds = typing.get_args(f.type) if isinstance(f.type, types.UnionType) else (f.type,)  # int | None
+        kinds = tuple(typing.get_origin(k) or k for k in kinds)  # list[str] -> list
+        ok = isinstance(v, kinds) and (bool in kinds or not isinstance(v, bool))
+        ok |= float in kinds and isinstance(v, int) and not isinstance(v, bool)
+        if not ok or (kinds[0] is int and v is not None and v < 1):
+            expected = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+            raise ValueError(f"{where}.{f.name} is {json.dumps(v)}; expected {expected}"
+                             + (" >= 1" if kinds[0] is int else ""))
+        values[f.name] = v
+    return cls(**values)
 
 
-GEMMA2_DEFAULTS = dict(query_pre_attn_scalar=256, attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=4096)
+GEMMA2_DEFAULTS = dict(query_pre_attn_scalar=256, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                       sliding_window=4096)
 
 
 @dataclass
@@ -59,45 +82,216 @@ class PaliGemmaConfig:
 
     @classmethod
     def from_json(cls, path) -> "PaliGemmaConfig":
-        d = json.loads(Path(path).read_text())
+        try:
+            d = json.loads(Path(path).read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
+        if not isinstance(d, dict) or not isinstance(d.get("text_config", {}), dict):
+            raise ValueError(f"{path}: expected a JSON object with a text_config object")
         text = dict(d.get("text_config", {}))
-        text.setdefault("rope_theta", text.get("rope_parameters", {}).get("rope_theta", GemmaConfig.rope_theta))
-        if text.get("model_type") == "gemma2":  # PaliGemma 2; absent fields take transformers' Gemma2Config defaults
-            text = GEMMA2_DEFAULTS | {"layer_types": [("sliding_attention", "full_attention")[i % 2] for i in
-                                                      range(text.get("num_hidden_layers", GemmaConfig.num_hidden_layers))]} | text
-            text["post_norms"] = True
-        return cls(
-            vision_config=_dataclass_from_dict(SiglipConfig, d.get("vision_config", {})),
-            text_config=_dataclass_from_dict(GemmaConfig, text),
-            **{k: d[k] for k in ("image_token_index", "pad_token_id", "eos_token_id") if k in d},
-        )
+        kind = text.get("model_type", "gemma")
+        if kind not in ("gemma", "gemma2"):
+            raise ValueError(f"{path}: text_config.model_type is {kind!r}; supported are 'gemma' (PaliGemma) "
+                             "and 'gemma2' (PaliGemma 2)")
+        text.setdefault("rope_theta", (text.get("rope_parameters") or {}).get("rope_theta", GemmaConfig.rope_theta))
+        if kind == "gemma2":  # PaliGemma 2; absent fields take transformers' Gemma2Config defaults
+            n = text.get("num_hidden_layers", GemmaConfig.num_hidden_layers)
+            n = n if isinstance(n, int) else 0
+            alternating = [("sliding_attention", "full_attention")[i % 2] for i in range(n)]
+            text = GEMMA2_DEFAULTS | {"layer_types": alternating} | text | {"post_norms": True}
+        top = {k: d[k] for k in ("image_token_index", "pad_token_id", "eos_token_id") if k in d}
+        if any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in top.values()):
+            raise ValueError(f"{path}: image_token_index, pad_token_id and eos_token_id must be integers >= 0")
+        vision = _dataclass_from_dict(SiglipConfig, d.get("vision_config", {}), f"{path}: vision_config")
+        config = cls(vision, _dataclass_from_dict(GemmaConfig, text, f"{path}: text_config"), **top)
+        layer_types = config.text_config.layer_types
+        if layer_types is not None and len(layer_types) != config.text_config.num_hidden_layers:
+            raise ValueError(f"{path}: text_config.layer_types has {len(layer_types)} entries for "
+                             f"{config.text_config.num_hidden_layers} layers")
+        return config
+
+
+# ----------------------------------------------------------------------------------------------
+# Device and dtype: the defaults of train.py, infer.py and bench.py
+
+
+def resolve_device(name: str | None = None) -> torch.device:
+    """The device called `name`, checked to exist here; by default cuda, then mps, then cpu."""
+    if name is None:
+        mps = torch.backends.mps.is_available()
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device {name!r} is not a device name (e.g. cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: this machine has no CUDA GPU (or this torch build has no CUDA)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r}: MPS (Apple GPUs) is not available here")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {name!r}: only cpu, cuda and mps are supported")
+    return device
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 on a CUDA GPU that supports it, else float32."""
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------
+# The prefix-LM attention mask
+
+
+def prefix_lm_mask(valid: torch.Tensor, steps: torch.Tensor, query_slots: torch.Tensor,
+                   window: int | None = None) -> torch.Tensor:
+    """Which keys each query may attend to: PaliGemma's prefix-LM mask, as big_vision builds it.
+
+    valid (B, S): True where a key is a real token (False: padding, or a cache slot not written yet).
+    steps (B or 1, S): big_vision's causal step of each token, the running sum of its token types
+        (0: image, <bos>, prompt and "\\n"; 1: suffix): the whole prefix is step 0 and every suffix
+        token starts a step of its own.
+    query_slots (Tq,): the positions among the S of the tokens that ask.
+    window: Gemma 2's sliding window (layers marked "sliding_attention"), or None.
+    Returns (B, 1, Tq, S) bool: query i sees key j when j is valid and step[j] <= step[i]; with a
+    window, also only when i - j < window, unless both are in the prefix (transformers >= 5.14).
+
+    Token types [0 0 0 1 1 1], steps [0 0 0 1 2 3]:     With left padding, valid [0 1 1 1 1],
+                                                        token types [0 0 0 1 1]:
+              key 0 1 2 3 4 5                                    key 0 1 2 3 4
+        query 0     1 1 1 . . .  the prefix sees the      query 0    . 1 1 . .  a pad's row is never
+              1     1 1 1 . . .  whole prefix, both             1    . 1 1 . .  read; no row sees a pad
+              2     1 1 1 . . .  ways                           2    . 1 1 . .
+              3     1 1 1 1 . .  a suffix token sees            3    . 1 1 1 .
+              4     1 1 1 1 1 .  the prefix and the             4    . 1 1 1 1
+              5     1 1 1 1 1 1  suffix up to itself
+
+    With window 2 on the left example, rows 3, 4, 5 keep only keys 2..3, 3..4 and 4..5 (i - j < 2);
+    rows 0-2 are unchanged. Generation uses the same rule over the KV-cache's slots: the prompt is
+    step 0 and the k-th new token step k, so a new token sees the prompt and every token before it.
+    """
+    step_q = steps[:, query_slots]  # (B, Tq)
+    visible = (steps[:, None, :] <= step_q[:, :, None]) & valid[:, None, :]  # (B, Tq, S)
+    if window is not None:
+        keys = torch.arange(steps.shape[1], device=steps.device)
+        near = query_slots[:, None] - keys[None, :] < window  # (Tq, S)
+        both_prefix = (step_q == 0)[:, :, None] & (steps == 0)[:, None, :]
+        visible = visible & (near | both_prefix)
+    return visible[:, None]
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator=None) -> torch.Tensor:
+    """(B, V) -> (B,). Greedy at temperature 0; else temperature first, then top-k, then top-p (nucleus)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:  # keep the smallest set of most likely tokens whose probability reaches top_p
+        sorted_logits, order = logits.sort(-1, descending=True)
+        p = sorted_logits.softmax(-1)
+        drop = p.cumsum(-1) - p >= top_p  # the mass before a token already reaches top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+def check_sampling(temperature: float, top_k: int, top_p: float):
+    """The sampling options' valid ranges, as one error naming the option."""
+    if not 0 <= temperature < float("inf"):  # also refuses nan
+        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), not {temperature}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0: no top-k), not {top_k}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (1: no top-p), not {top_p}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: where the tensors are, and what they are called. The official layout nests the towers
+# one level deeper than our modules.
+
+CHECKPOINT_PREFIXES = {  # checkpoint key prefix -> our parameter prefix
+    "vision_tower.vision_model.": "vision_tower.",  # transformers 5 writes a fresh model without `vision_model.`
+    "language_model.model.": "language_model.",
+    "multi_modal_projector.linear.": "multi_modal_projector.",
+}
+UNUSED_PREFIXES = ("vision_tower.head.", "lm_head.", "language_model.lm_head.")  # SigLIP's pooling head; the tied head
+
+
+def _rename(key: str, prefixes: dict[str, str]) -> str:
+    return next((new + key[len(old):] for old, new in prefixes.items() if key.startswith(old)), key)
+
+
+def _listing(names: list[str], most: int = 8) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def resolve_checkpoint(name_or_dir, patterns: list[str]) -> Path:
+    """A local folder as it is, or a hub id (e.g. google/paligemma-3b-pt-224) downloaded to the local cache."""
+    path = Path(name_or_dir).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is not a PaliGemma checkpoint: it has no config.json")
+        return path
+    if path.exists() or str(name_or_dir).startswith((".", "/", "~")) or str(name_or_dir).count("/") != 1:
+        raise FileNotFoundError(f"{name_or_dir}: no such checkpoint folder (nor a hub id of the form owner/name)")
+    import huggingface_hub
+
+    try:
+        return Path(huggingface_hub.snapshot_download(str(name_or_dir), allow_patterns=patterns))
+    except Exception as e:  # network, gating, authentication, missing repo: the hub library raises many types
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise OSError(
+            f"{name_or_dir} is not a local folder and could not be fetched from the Hugging Face hub ({reason}). "
+            "PaliGemma checkpoints are gated: accept the licence on the model's page and run `huggingface-cli login`, "
+            "or pass the path of a downloaded checkpoint folder."
+        ) from None
+
+
+def checkpoint_tensors(folder: Path) -> dict[str, tuple[Path, list[int]]]:
+    """{checkpoint key: (safetensors file, shape)} of a single-file or a sharded (indexed) checkpoint,
+    read from the files' headers; a file that cannot be read, or an index naming a tensor that its
+    shard lacks, is an error that names it."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            files = {}  # file -> the keys the index puts there
+            for key, file in weight_map.items():
+                files.setdefault(folder / file, []).append(key)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{index}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+        except (KeyError, TypeError, AttributeError, UnicodeDecodeError):
+            raise ValueError(f"{index}: expected a JSON object with a weight_map {{tensor name: file}}") from None
+    elif (folder / "model.safetensors").exists():
+        files = {folder / "model.safetensors": None}
+    else:
+        raise FileNotFoundError(f"{folder} holds no weights: neither model.safetensors nor "
+                                "model.safetensors.index.json")
+    found = {}
+    for file, keys in files.items():
+        try:
+            with safe_open(file, framework="pt") as f:
+                shapes = {key: f.get_slice(key).get_shape() for key in f.keys()}
+        except (SafetensorError, OSError) as e:
+            reason = "it is a folder" if file.is_dir() else "no such file" if not file.exists() else str(e)
+            raise ValueError(f"{file}: not a readable safetensors file ({reason})") from None
+        for key in keys if keys is not None else shapes:
+            if key not in shapes:
+                raise ValueError(f"{index} puts {key} in {file.name}, which does not hold it")
+            found[key] = (file, shapes[key])
+    return found
 
 
 # ----------------------------------------------------------------------------------------------
 # The model
-
-
-def prefix_lm_mask(attention_mask: torch.Tensor, token_type_ids: torch.Tensor, sliding_window: int | None = None) -> torch.Tensor:
-    """PaliGemma's attention mask, in big_vision's formulation.
-
-    attention_mask (B, T): 1 for real tokens, 0 for padding.
-    token_type_ids (B, T): 0 for the prefix (image tokens, <bos>, prompt, "\\n"), 1 for the suffix.
-    Returns (B, 1, T, T) bool, True where query i may attend to key j.
-
-    Every suffix token starts a new causal step; the prefix is step 0. A query sees the keys whose step
-    is not later than its own: the prefix sees all of the prefix (bidirectional), a suffix token sees
-    the prefix and the suffix up to itself (causal). Padding is never attended to.
-
-    With a sliding window (Gemma 2's local layers, as transformers has them), causal attention reaches
-    back fewer than `sliding_window` positions, while the prefix still sees all of itself.
-    """
-    step = token_type_ids.cumsum(-1)  # (B, T)
-    visible = step[:, None, :] <= step[:, :, None]  # (B, T_query, T_key)
-    if sliding_window is not None:
-        i = torch.arange(step.shape[1], device=step.device)
-        in_prefix = step == 0
-        visible &= (i[:, None] - i[None, :] < sliding_window) | (in_prefix[:, :, None] & in_prefix[:, None, :])
-    return (visible & attention_mask.bool()[:, None, :])[:, None]
 
 
 class PaliGemma(nn.Module):
@@ -122,15 +316,16 @@ class PaliGemma(nn.Module):
             )
         return x.masked_scatter(is_image[..., None], features.to(x.dtype))  # patches in row-major order
 
-    def masks(self, attention_mask, token_type_ids) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The prefix-LM mask, and its sliding-window variant when the decoder has one (PaliGemma 2).
-        None and None when every token may see every token (no padding, no suffix, no window reached)."""
-        window = self.config.text_config.sliding_window
-        T = attention_mask.shape[1]
-        if attention_mask.all() and not token_type_ids.any() and (window is None or T <= window):
+    def masks(self, valid: torch.Tensor, steps: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The prefix-LM mask (B, 1, T, T) of T tokens attending to each other and, for Gemma 2, its
+        sliding-window variant; None and None when every token sees every token (no padding, no
+        suffix, the window not reached), which lets attention run unmasked."""
+        window, T = self.config.text_config.sliding_window, valid.shape[1]
+        if valid.all() and not steps.any() and (window is None or T <= window):
             return None, None
-        return (prefix_lm_mask(attention_mask, token_type_ids),
-                None if window is None else prefix_lm_mask(attention_mask, token_type_ids, window))
+        queries = torch.arange(T, device=valid.device)
+        return (prefix_lm_mask(valid, steps, queries),
+                None if window is None else prefix_lm_mask(valid, steps, queries, window))
 
     def hidden_states(self, input_ids, pixel_values, attention_mask=None, token_type_ids=None) -> torch.Tensor:
         """The decoder's final hidden states (B, T, D), before the output head."""
@@ -140,11 +335,11 @@ class PaliGemma(nn.Module):
             token_type_ids = torch.zeros_like(input_ids)
         x = self.embed(input_ids, pixel_values)
         positions = attention_mask.long().cumsum(-1)  # 1-based as in transformers, and left padding is skipped
-        mask, sliding_mask = self.masks(attention_mask, token_type_ids)
-        return self.language_model(x, positions, mask, sliding_mask=sliding_mask)
+        mask, sliding_mask = self.masks(attention_mask.bool(), token_type_ids.cumsum(-1))
+        return self.language_model(x, positions, mask, sliding_mask)
 
     def forward(self, input_ids, pixel_values, attention_mask=None, token_type_ids=None) -> torch.Tensor:
-        """input_ids (B, T), pixel_values (B, 3, H, W), attention_mask and token_type_ids (B, T) -> logits (B, T, vocab)."""
+        """input_ids (B, T), pixel_values (B, 3, H, W), attention_mask and token_type_ids (B, T) -> logits (B, T, V)."""
         return self.language_model.logits(self.hidden_states(input_ids, pixel_values, attention_mask, token_type_ids))
 
     @torch.inference_mode()
@@ -164,20 +359,25 @@ class PaliGemma(nn.Module):
         if T + max_new_tokens > max_len:
             raise ValueError(f"the prompt is {T} tokens long and {max_new_tokens} new tokens are asked for: "
                              f"together more than the model's {max_len} positions")
+        check_sampling(temperature, top_k, top_p)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         lm, device = self.language_model, input_ids.device
         generator = None if seed is None else torch.Generator(device).manual_seed(seed)
+
+        # Prefill: the prompt's T tokens, all prefix, attend to each other and fill cache slots 0..T-1.
         x = self.embed(input_ids, pixel_values)  # (B, T, D)
         S = T + max_new_tokens - 1  # cache slots: the prompt, then every new token but the last (never fed)
         cache = KVCache(lm.config, B, S, x.dtype, device)
-        masks = self.masks(attention_mask, torch.zeros_like(input_ids))  # (B, 1, T, T) or None: the prompt is all prefix
-        mask, sliding_mask = (None if m is None else F.pad(m, (0, S - T)) for m in masks)  # (B, 1, T, S)
         positions = attention_mask.long().cumsum(-1)  # (B, T)
-        h = lm(x, positions, mask, cache, torch.arange(T, device=device), sliding_mask)
-        logits = lm.logits(h[:, -1])  # (B, vocab): the head only where the next token is read
-        # Cache slots holding keys to attend to: the prompt's real tokens, then every generated token.
-        visible = F.pad(attention_mask.bool(), (0, S - T), value=True)  # (B, S)
+        mask, sliding_mask = self.masks(attention_mask.bool(), torch.zeros_like(input_ids))
+        h = lm(x, positions, mask, sliding_mask, cache, torch.arange(T, device=device))
+        logits = lm.logits(h[:, -1])  # (B, V): the head only where the next token is read
+
+        # Decoding: the k-th new token goes to slot T-1+k as causal step k; every slot but the prompt's
+        # padding holds a real token once written.
+        valid = F.pad(attention_mask.bool(), (0, S - T), value=True)  # (B, S)
+        steps = (torch.arange(S, device=device) - (T - 1)).clamp(min=0)[None]  # (1, S): 0 0 .. 0 1 2 ..
         position, slot = positions[:, -1:], torch.tensor([T - 1], device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         out = []
@@ -189,272 +389,64 @@ class PaliGemma(nn.Module):
             if done.all() or step == max_new_tokens - 1:
                 break
             position, slot = position + 1, slot + 1
-            logits = self.decode_step(token, position, slot, visible, cache)
+            logits = self.decode_step(token, position, slot, valid, steps, cache)
         return torch.stack(out, dim=1)
 
-    def decode_step(self, token, position, slot, visible, cache: KVCache) -> torch.Tensor:
-        """One new token per row: token (B,), position (B, 1), its cache slot (1,), visible slots (B, S)
-        -> next-token logits (B, vocab). Shapes do not change from step to step, so that
-        `model.decode_step = torch.compile(model.decode_step)` compiles it once."""
+    def decode_step(self, token, position, slot, valid, steps, cache: KVCache) -> torch.Tensor:
+        """One new token per row: token (B,), position (B, 1), its cache slot (1,), the slots' validity
+        (B, S) and causal steps (1, S) -> next-token logits (B, V). Shapes do not change from step to
+        step, so that `model.decode_step = torch.compile(model.decode_step)` compiles it once."""
         lm = self.language_model
-        slots = torch.arange(visible.shape[1], device=visible.device)
-        mask = (visible & (slots <= slot))[:, None, None, :]  # (B, 1, 1, S): the slots written so far
+        mask = prefix_lm_mask(valid, steps, slot)  # (B, 1, 1, S): the prompt and the tokens up to this one
         window = lm.config.sliding_window
-        sliding_mask = None if window is None else mask & (slot - slots < window)
-        return lm.logits(lm(lm.embed(token[:, None]), position, mask, cache, slot, sliding_mask)[:, -1])
+        sliding_mask = None if window is None else prefix_lm_mask(valid, steps, slot, window)
+        h = lm(lm.embed(token[:, None]), position, mask, sliding_mask, cache, slot, read_cache=True)
+        return lm.logits(h[:, -1])
 
     @classmethod
-    def from_pretrained(cls, name_or_dir, dtype: torch.dtype = torch.float32, device="cpu") -> "PaliGemma":
+    def from_pretrained(cls, name_or_dir, dtype: torch.dtype | Callable[[str], torch.dtype] = torch.float32,
+                        device="cpu") -> "PaliGemma":
         """Loads a Hugging Face-format checkpoint from a local folder or a hub id, strictly.
 
         Every tensor the model needs must be in the checkpoint with the right shape, and nothing else may
         be there but the unused pooling head and the tied lm_head. Tensors are read one at a time and
-        converted straight to `dtype` on `device`.
+        converted straight to `dtype` on `device`; `dtype` may be a function of the parameter's name
+        (train.py reads the weights it trains in float32 and the frozen ones in the compute dtype).
         """
         folder = resolve_checkpoint(name_or_dir, ["config.json", "*.safetensors", "model.safetensors.index.json"])
         config = PaliGemmaConfig.from_json(folder / "config.json")
         with torch.device("meta"):  # no memory is allocated until the weights are read
             model = cls(config)
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        found = {}  # our name -> (file, checkpoint key, shape)
-        for file, keys in _checkpoint_files(folder).items():
-            with safe_open(file, framework="pt") as f:
-                for key in keys:
-                    if not _our_name(key).startswith(UNUSED_PREFIXES):
-                        found[_our_name(key)] = (file, key, tuple(f.get_slice(key).get_shape()))
+        expected = {k: list(v.shape) for k, v in model.state_dict().items()}
+        found = {}  # our name -> (checkpoint key, file, shape)
+        for key, (file, shape) in checkpoint_tensors(folder).items():
+            if not (name := _rename(key, CHECKPOINT_PREFIXES)).startswith(UNUSED_PREFIXES):
+                found[name] = (key, file, shape)
         missing = sorted(expected.keys() - found.keys())
-        unexpected = sorted(found[n][1] for n in found.keys() - expected.keys())
-        wrong = sorted(f"{found[n][1]} {list(found[n][2])} (expected {list(expected[n])})"
+        unexpected = sorted(found[n][0] for n in found.keys() - expected.keys())
+        wrong = sorted(f"{found[n][0]} {found[n][2]} (expected {expected[n]})"
                        for n in found.keys() & expected.keys() if found[n][2] != expected[n])
-        problems = [f"{what}: {_listing(names)}" for what, names in
-                    (("missing tensors", missing), ("unexpected tensors", unexpected), ("wrong shapes", wrong)) if names]
+        problems = [f"{what}: {_listing(names)}" for what, names in (
+            ("missing tensors", missing), ("unexpected tensors", unexpected), ("wrong shapes", wrong)) if names]
         if problems:
             raise ValueError(f"checkpoint {folder} does not match its config.json: " + "; ".join(problems))
-        model.load_state_dict(read_tensors(folder, expected.keys(), dtype, device), strict=True, assign=True)
+        dtype_of = dtype if callable(dtype) else lambda name: dtype
+        by_file = {}  # file -> {our name: checkpoint key}
+        for name, (key, file, _) in found.items():
+            by_file.setdefault(file, {})[name] = key
+        state = {}
+        for file, keys in by_file.items():
+            try:
+                with safe_open(file, framework="pt") as f:
+                    for name, key in keys.items():
+                        state[name] = f.get_tensor(key).to(device=device, dtype=dtype_of(name))
+            except (SafetensorError, OSError) as e:  # e.g. a file truncated after its header
+                raise ValueError(f"{file}: cannot be read ({e})") from None
+        model.load_state_dict(state, strict=True, assign=True)
         return model.eval()
-
-
-def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator=None) -> torch.Tensor:
-    """(B, vocab) -> (B,). Greedy at temperature 0; else temperature first, then top-k, then top-p (nucleus)."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:  # keep the smallest set of most likely tokens whose probability reaches top_p
-        sorted_logits, order = logits.sort(-1, descending=True)
-        p = sorted_logits.softmax(-1)
-        drop = p.cumsum(-1) - p >= top_p  # the mass before a token already reaches top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
-
-
-def parse_detections(text: str, width: int, height: int) -> list[tuple[tuple[float, float, float, float], str]]:
-    """`<locY1><locX1><locY2><locX2> label ; ...` -> [((x1, y1, x2, y2) in pixels, label)].
-
-    Coordinates are in 1024ths of the image's height (y) and width (x), y first. Whatever cannot be read
-    as four loc tokens and a label is skipped; segmentation tokens after a box are ignored.
-    """
-    detections = []
-    for m in DETECTION.finditer(text):
-        y1, x1, y2, x2 = (int(v) / 1024 for v in m.groups()[:4])
-        if y2 > y1 and x2 > x1:
-            detections.append(((x1 * width, y1 * height, x2 * width, y2 * height), m.group(5).strip()))
-    return detections
-
-
-DETECTION = re.compile(r"<loc(\d{4})><loc(\d{4})><loc(\d{4})><loc(\d{4})>(?:<seg\d{3}>)*([^;<]*)")
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints: the official layout nests the towers one level deeper than our modules.
-
-CHECKPOINT_PREFIXES = {  # checkpoint key prefix -> our parameter prefix
-    "vision_tower.vision_model.": "vision_tower.",  # transformers 5 writes a fresh model without `vision_model.`
-    "language_model.model.": "language_model.",
-    "multi_modal_projector.linear.": "multi_modal_projector.",
-}
-UNUSED_PREFIXES = ("vision_tower.head.", "lm_head.", "language_model.lm_head.")  # SigLIP's pooling head; the tied head
-
-
-def _rename(key: str, prefixes: dict[str, str]) -> str:
-    return next((new + key[len(old):] for old, new in prefixes.items() if key.startswith(old)), key)
-
-
-def _our_name(key: str) -> str:
-    return _rename(key, CHECKPOINT_PREFIXES)
 
 
 def official_state_dict(model: PaliGemma) -> dict[str, torch.Tensor]:
     """The model's tensors under the names of the official checkpoints, the layout `from_pretrained` reads."""
     to_official = {ours: official for official, ours in CHECKPOINT_PREFIXES.items()}
     return {_rename(key, to_official): value for key, value in model.state_dict().items()}
-
-
-def _listing(names: list[str], most: int = 8) -> str:
-    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
-
-
-def read_tensors(folder: Path, names, dtype: torch.dtype | None = None, device="cpu") -> dict[str, torch.Tensor]:
-    """{our name: tensor} for the `names` found in the checkpoint in folder, read one at a time and
-    converted to dtype (None: as stored) on device."""
-    tensors = {}
-    for file, keys in _checkpoint_files(folder).items():
-        with safe_open(file, framework="pt") as f:
-            for key in keys:
-                if _our_name(key) in names:
-                    tensors[_our_name(key)] = f.get_tensor(key).to(device=device, dtype=dtype)
-    return tensors
-
-
-def _checkpoint_files(folder: Path) -> dict[Path, list[str]]:
-    """{safetensors file: its tensor names} for a single-file or a sharded (indexed) checkpoint."""
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        files = {}
-        for key, file in json.loads(index.read_text())["weight_map"].items():
-            files.setdefault(folder / file, []).append(key)
-        return files
-    single = folder / "model.safetensors"
-    if single.exists():
-        with safe_open(single, framework="pt") as f:
-            return {single: list(f.keys())}
-    raise FileNotFoundError(f"{folder} holds no weights: neither model.safetensors nor model.safetensors.index.json")
-
-
-def resolve_checkpoint(name_or_dir, patterns: list[str]) -> Path:
-    """A local folder as it is, or a hub id (e.g. google/paligemma-3b-pt-224) downloaded to the local cache."""
-    path = Path(name_or_dir).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(f"{path} is not a PaliGemma checkpoint: it has no config.json")
-        return path
-    if path.exists() or str(name_or_dir).startswith((".", "/", "~")) or str(name_or_dir).count("/") != 1:
-        raise FileNotFoundError(f"{name_or_dir}: no such checkpoint folder (nor a hub id of the form owner/name)")
-    import huggingface_hub
-
-    try:
-        return Path(huggingface_hub.snapshot_download(str(name_or_dir), allow_patterns=patterns))
-    except Exception as e:  # network, gating, authentication, missing repo: the hub library raises many types
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise OSError(
-            f"{name_or_dir} is not a local folder and could not be fetched from the Hugging Face hub ({reason}). "
-            "PaliGemma checkpoints are gated: accept the licence on the model's page and run `huggingface-cli login`, "
-            "or pass the path of a downloaded checkpoint folder."
-        ) from None
-
-
-# ----------------------------------------------------------------------------------------------
-# Tokenizer and processor
-
-
-class Tokenizer:
-    """Gemma's SentencePiece model, plus the tokens PaliGemma adds.
-
-    `<loc0000>`..`<loc1023>` (box coordinates) and `<seg000>`..`<seg127>` (mask codes) are pieces of the
-    SentencePiece model; they are split out of the text before SentencePiece sees the rest, so that they
-    always become one token each. `<image>` is not a piece: its id comes from the model's config.
-    """
-
-    SPECIAL = re.compile(r"(<loc\d{4}>|<seg\d{3}>)")
-
-    def __init__(self, model_file, image_token_id: int):
-        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
-        self.image_token_id = image_token_id
-        self.pad_id, self.bos_id, self.eos_id = self.sp.pad_id(), self.sp.bos_id(), self.sp.eos_id()
-        for piece in ("<loc0000>", "<loc1023>", "<seg000>", "<seg127>"):
-            if self.sp.piece_to_id(piece) == self.sp.unk_id():
-                raise ValueError(f"{model_file} is not a PaliGemma tokenizer: it has no {piece} piece")
-
-    def encode(self, text: str) -> list[int]:
-        ids = []
-        for i, part in enumerate(self.SPECIAL.split(text)):  # odd parts are <loc>/<seg> tokens
-            ids += [self.sp.piece_to_id(part)] if i % 2 else self.sp.encode(part)
-        return ids
-
-    def decode(self, ids) -> str:
-        """Text of the ids, without <pad>, <bos>, <eos>, <image> and ids past the vocabulary (the embedding
-        has spare rows); <loc>/<seg> tokens are kept as text."""
-        skip = {self.pad_id, self.bos_id, self.eos_id}
-        pieces = [self.sp.id_to_piece(i) for i in ids if i not in skip and 0 <= i < self.sp.get_piece_size()]
-        text, run = "", []
-        for piece in pieces:
-            if self.SPECIAL.fullmatch(piece):
-                text, run = text + self.sp.decode_pieces(run) + piece, []
-            else:
-                run.append(piece)
-        return text + self.sp.decode_pieces(run)
-
-
-class Processor:
-    """Images and prompts to model inputs, laid out as the checkpoints were trained:
-
-        <image> x N   <bos>  prefix "\\n"   [suffix <eos>]     (left-padded with <pad> to the batch's longest)
-        token_type_ids: 0 ...................  1 ...........
-        labels:      -100 ...................  suffix ids, eos  (only when suffixes are given)
-
-    Images are converted to RGB (transparency over white), resized to the model's square resolution with
-    bicubic resampling, and scaled to [-1, 1].
-    """
-
-    def __init__(self, tokenizer: Tokenizer, image_size: int, num_image_tokens: int):
-        self.tokenizer = tokenizer
-        self.image_size = image_size
-        self.num_image_tokens = num_image_tokens
-
-    @classmethod
-    def from_pretrained(cls, name_or_dir) -> "Processor":
-        folder = resolve_checkpoint(name_or_dir, ["config.json", "tokenizer.model"])
-        if not (folder / "tokenizer.model").exists():
-            raise FileNotFoundError(f"{folder} has no tokenizer.model (the SentencePiece model)")
-        config = PaliGemmaConfig.from_json(folder / "config.json")
-        tokenizer = Tokenizer(folder / "tokenizer.model", config.image_token_index)
-        return cls(tokenizer, config.vision_config.image_size, config.vision_config.num_patches)
-
-    def preprocess_image(self, image: Image.Image) -> torch.Tensor:
-        """A PIL image of any size and mode -> (3, S, S) float32 in [-1, 1]."""
-        if "A" in image.getbands() or "transparency" in image.info:
-            image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image.convert("RGBA"))
-        image = image.convert("RGB").resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
-        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)  # (S, S, 3) in [0, 1]
-        return ((x - 0.5) / 0.5).permute(2, 0, 1)
-
-    def text_tokens(self, prefix: str, suffix: str | None = None) -> tuple[list[int], list[int]]:
-        """One example's text, <bos> prefix "\\n" [suffix <eos>], as (ids, token types)."""
-        tok = self.tokenizer
-        ids = [tok.bos_id] + tok.encode(prefix + "\n")
-        types = [0] * len(ids)
-        if suffix is not None:
-            suffix_ids = tok.encode(suffix) + [tok.eos_id]
-            ids, types = ids + suffix_ids, types + [1] * len(suffix_ids)
-        return ids, types
-
-    def __call__(self, images, prefixes, suffixes=None, max_len: int | None = None) -> dict[str, torch.Tensor]:
-        """One image per prompt. Returns input_ids, attention_mask, token_type_ids (B, T),
-        pixel_values (B, 3, S, S), and labels (B, T) when suffixes are given. With `max_len`, text tokens
-        past max_len are cut (the end of the suffix goes first); the image tokens are not counted."""
-        if len(images) != len(prefixes) or (suffixes is not None and len(suffixes) != len(prefixes)):
-            raise ValueError(f"got {len(images)} images, {len(prefixes)} prefixes"
-                             + ("" if suffixes is None else f" and {len(suffixes)} suffixes") + ": one of each per example")
-        image_ids = [self.tokenizer.image_token_id] * self.num_image_tokens
-        rows = []  # (ids, token types)
-        for i, prefix in enumerate(prefixes):
-            ids, types = self.text_tokens(prefix, None if suffixes is None else suffixes[i])
-            rows.append((image_ids + ids[:max_len], [0] * len(image_ids) + types[:max_len]))
-        T = max(len(ids) for ids, _ in rows)
-        input_ids = torch.full((len(rows), T), self.tokenizer.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), T), dtype=torch.long)
-        token_type_ids = torch.zeros((len(rows), T), dtype=torch.long)
-        for i, (ids, types) in enumerate(rows):  # left padding: the real tokens end at T
-            input_ids[i, T - len(ids):] = torch.tensor(ids)
-            attention_mask[i, T - len(ids):] = 1
-            token_type_ids[i, T - len(ids):] = torch.tensor(types)
-        batch = dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                     pixel_values=torch.stack([self.preprocess_image(im) for im in images]))
-        if suffixes is not None:
-            batch["labels"] = input_ids.masked_fill(token_type_ids == 0, -100)
-        return batch
-
-    def decode(self, ids) -> str:
-        return self.tokenizer.decode([int(i) for i in ids])

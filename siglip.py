@@ -12,6 +12,8 @@ the So400m/14 shape from Alabdulmohsin et al., 2023):
 What it is not: the SigLIP *contrastive* model. There is no text tower, no CLS token and no
 attention-pooling head (PaliGemma uses `vision_use_head=False` and reads all N tokens).
 
+Shape letters: B batch, N patches (image tokens), D hidden size, hd head_dim.
+
 Parameter names follow the Hugging Face checkpoints (`embeddings.patch_embedding`,
 `encoder.layers.{i}.self_attn.q_proj`, `post_layernorm`, ...) so weights load without renames.
 This file imports only torch and can be copied on its own.
@@ -55,9 +57,10 @@ class SiglipAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
-        # (B, N, D) -> (B, heads, N, head_dim)
-        q, k, v = (proj(x).view(B, N, self.num_heads, -1).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        y = F.scaled_dot_product_attention(q, k, v)  # scale head_dim**-0.5, no mask
+        q = self.q_proj(x).view(B, N, self.num_heads, -1).transpose(1, 2)  # (B, heads, N, hd)
+        k = self.k_proj(x).view(B, N, self.num_heads, -1).transpose(1, 2)
+        v = self.v_proj(x).view(B, N, self.num_heads, -1).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v)  # scale hd**-0.5, no mask
         return self.out_proj(y.transpose(1, 2).reshape(B, N, D))
 
 
@@ -94,6 +97,10 @@ class SiglipVisionModel(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, N, D), patches in row-major order."""
+        size, channels = self.config.image_size, self.config.num_channels
+        if pixel_values.dim() != 4 or pixel_values.shape[1:] != (channels, size, size):
+            raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)}; this model takes images of "
+                             f"{size}x{size} pixels, as (B, {channels}, {size}, {size})")
         x = self.embeddings.patch_embedding(pixel_values)  # (B, D, H/14, W/14)
         x = x.flatten(2).transpose(1, 2)  # (B, N, D)
         x = x + self.embeddings.position_embedding.weight

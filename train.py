@@ -10,8 +10,16 @@ only at those positions. Trainable weights are kept in float32 and the frozen on
 dtype, with autocast (and loss scaling in float16, for GPUs without bfloat16). `--out` receives a
 checkpoint in the official Hugging Face layout (config.json, model.safetensors, tokenizer files) that
 `infer.py`, `PaliGemma.from_pretrained` and transformers load, plus train_state.pt (optimizer state
-and step) for `--resume`. Ctrl-C (or SIGTERM) saves at the end of the current step and stops; a
-non-finite loss stops before anything is written.
+and step) for `--resume`.
+
+Nothing is lost: bad data and options are refused before training starts; a checkpoint is never
+written over its source model, nor over an earlier run unless --resume or --overwrite says so; a
+save is crash-consistent (killed at any instant, --out still loads and resumes); Ctrl-C or SIGTERM
+(to this process or its whole group) saves at the end of the current step and exits with 130 / 143,
+and a second Ctrl-C stops at once; a non-finite loss stops before anything is written.
+
+The file reads as the script runs: the data, the model and its loss, evaluation, checkpoints, the
+options, then `main` in named steps (setup, data, model, optimizer and resume, the training loop).
 
 What it is not: a general trainer. No LoRA, no mixed datasets, no evaluation beyond exact match and
 box IoU.
@@ -27,6 +35,7 @@ import shutil
 import signal
 import string
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -35,41 +44,56 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from infer import default_device
-from paligemma import PaliGemma, Processor, official_state_dict, parse_detections, read_tensors, resolve_checkpoint
+from cli import fail, number
+from paligemma import PaliGemma, default_dtype, official_state_dict, resolve_checkpoint, resolve_device
+from processor import Processor, count_targets, load_image, parse_detections
 
 TRAINABLE = {  # --trainable: which parameters learn
     "attn": lambda name: name.startswith("language_model.layers.") and ".self_attn." in name,  # q, k, v, o
     "llm": lambda name: name.startswith("language_model."),
     "all": lambda name: True,
 }
-STOP = []  # set by SIGINT / SIGTERM: save at the end of the step, then stop
+RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
+STOP = []  # the signals received (SIGINT, SIGTERM): save at the end of the step, then stop
 
 
 def log(*args, **kwargs):
-    if int(os.environ.get("RANK", 0)) == 0:
+    if RANK == 0:
         print(*args, **kwargs, flush=True)
 
 
-def fail(message: str):
-    print(f"train.py: error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
+def all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """Summed (or max'ed) over the processes of a torchrun job; as it is in a single process."""
+    if dist.is_initialized():
+        dist.all_reduce(t, op)
+    return t
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
 
 
 # ----------------------------------------------------------------------------------------------
 # Data
 
+LARGE_IMAGE = 4096 * 4096  # pixels; such images are decoded one at a time when the data is checked
+_one_large_image = threading.Lock()
 
-def check_line(path: Path, number: int, line: str):
-    """One JSONL line -> (example, None) or (None, "file:line: what is wrong")."""
-    where = f"{path}:{number}"
+
+def check_line(path: Path, line_no: int, raw: bytes, check=None) -> tuple[dict | None, str | None]:
+    """One JSONL line -> (example, None) or (None, "file:line: what is wrong"). The image is decoded and
+    dropped: the check holds no pixels, and decodes one large image at a time. `check(example)` may
+    add a reason of the caller's."""
+    where = f"{path}:{line_no}"
     try:
-        record = json.loads(line)
+        record = json.loads(raw.decode("utf-8-sig" if line_no == 1 else "utf-8"))  # a BOM may open the file
+    except UnicodeDecodeError as e:
+        return None, f"{where}: not UTF-8 text (byte {e.start + 1} of the line)"
     except json.JSONDecodeError as e:
         return None, f"{where}: not valid JSON ({e.msg})"
     if not isinstance(record, dict):
@@ -78,23 +102,35 @@ def check_line(path: Path, number: int, line: str):
     if missing:
         return None, f"{where}: missing or not a string: {', '.join(missing)}"
     image = path.parent / record["image"]
-    if not image.is_file():
-        return None, f"{where}: image {image} does not exist"
     try:
-        with Image.open(image) as im:
-            im.load()
-    except Exception as e:  # PIL raises many types for broken files
-        return None, f"{where}: image {image} cannot be decoded ({e})"
-    return dict(image=image, prefix=record["prefix"], suffix=record["suffix"]), None
+        with Image.open(image) as im:  # the header only, for the size
+            large = im.width * im.height > LARGE_IMAGE
+    except Exception:  # load_image below says what is wrong
+        large = False
+    try:
+        with _one_large_image if large else contextlib.nullcontext():
+            load_image(image)
+    except ValueError as e:
+        return None, f"{where}: image {e}"
+    example = dict(image=image, prefix=record["prefix"], suffix=record["suffix"])
+    why = check(example) if check else None
+    return (None, f"{where}: {why}") if why else (example, None)
 
 
-def read_jsonl(path: Path, skip_bad: bool) -> list[dict]:
+def read_jsonl(path: Path, skip_bad: bool, check=None) -> list[dict]:
     """All examples of a JSONL file, every line checked (images decoded) before training starts."""
-    if not path.is_file():
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
         fail(f"{path}: no such file")
-    lines = [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    except IsADirectoryError:
+        fail(f"{path}: is a directory, not a JSONL file")
+    except OSError as e:
+        fail(f"{path}: cannot be read ({e.strerror})")
+    lines = [(n, line) for n, line in enumerate(raw.split(b"\n"), 1) if line.strip()]
+    log(f"{path}: checking {len(lines)} lines and their images")
     with ThreadPoolExecutor(8) as pool:
-        checked = list(pool.map(lambda nl: check_line(path, *nl), lines))
+        checked = list(pool.map(lambda nl: check_line(path, *nl, check), lines))
     examples = [e for e, _ in checked if e is not None]
     errors = [err for _, err in checked if err is not None]
     if errors and not skip_bad:
@@ -117,28 +153,38 @@ def default_val_file(train_file: Path) -> Path | None:
     return next((c for c in candidates if c.is_file() and c.resolve() != train_file.resolve()), None)
 
 
-def load_images(examples: list[dict]) -> list[Image.Image]:
-    images = []
-    for e in examples:
-        with Image.open(e["image"]) as im:
-            im.load()
-            images.append(im)
-    return images
+def collate(examples: list[dict], processor: Processor, max_len: int) -> dict:
+    """A training batch: the prompts with their suffixes, labels on the suffixes. An image that can no
+    longer be read (deleted or changed since the check) gives {"error": why} instead."""
+    try:
+        images = [load_image(e["image"]) for e in examples]
+    except ValueError as e:
+        return dict(error=f"image {e}")
+    return processor(images, [e["prefix"] for e in examples], [e["suffix"] for e in examples], max_len=max_len)
 
 
-def collate(examples: list[dict], processor: Processor, max_len: int) -> dict[str, torch.Tensor]:
-    """A training batch: the prompts with their suffixes, labels on the suffixes."""
-    return processor(load_images(examples), [e["prefix"] for e in examples], [e["suffix"] for e in examples], max_len=max_len)
+def ignore_signals(worker_id: int):
+    """In DataLoader workers: the main process handles Ctrl-C and SIGTERM (also when they are sent to the
+    whole process group), saves and stops the workers itself; torch's workers would die of SIGTERM."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
 
-def micro_batches(n: int, batch_size: int, grad_accum: int, world: int, rank: int, seed: int, start: int, steps: int):
-    """The example indices this rank reads, micro-batch by micro-batch, from optimizer step `start` on.
+def batches_of(loader):
+    """The loader's batches. Closing this generator (also by an exception) deletes the loader's iterator,
+    which stops its worker processes at once; they ignore SIGTERM, so nothing else would."""
+    it = iter(loader)
+    yield from it
+
+
+def micro_batches(n: int, batch_size: int, grad_accum: int, seed: int, start: int, steps: int):
+    """The example indices this process reads, micro-batch by micro-batch, from optimizer step `start` on.
 
     Each epoch is a permutation fixed by (seed, epoch). Optimizer step s takes the next
-    batch_size * grad_accum * world examples; each micro-batch of them is split across the ranks, so the
-    examples of a step do not depend on how many processes share it.
+    batch_size * grad_accum * WORLD examples; each micro-batch of them is split across the processes, so
+    the examples of a step do not depend on how many processes share it.
     """
-    per_step = batch_size * grad_accum * world
+    per_step = batch_size * grad_accum * WORLD
     steps_per_epoch = n // per_step
     order, epoch = None, None
     for step in range(start, steps):
@@ -147,24 +193,14 @@ def micro_batches(n: int, batch_size: int, grad_accum: int, world: int, rank: in
             order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
         chunk = order[(step % steps_per_epoch) * per_step:][:per_step]
         for a in range(grad_accum):
-            yield chunk[a * batch_size * world:(a + 1) * batch_size * world][rank::world]
+            yield chunk[a * batch_size * WORLD:(a + 1) * batch_size * WORLD][RANK::WORLD]
 
 
 # ----------------------------------------------------------------------------------------------
-# Model, loss and metrics
+# Model and loss
 
 
-def set_trainable(model: PaliGemma, which: str) -> list[str]:
-    """Freezes all but the `which` parameters (see TRAINABLE), which move to float32; returns their names."""
-    trainable = [name for name, _ in model.named_parameters() if TRAINABLE[which](name)]
-    for name, p in model.named_parameters():
-        p.requires_grad_(name in trainable)
-        if name in trainable:
-            p.data = p.data.float()  # master weights in float32; frozen ones stay in the compute dtype
-    return trainable
-
-
-class SuffixLoss(nn.Module):
+class SuffixLossSum(nn.Module):
     """PaliGemma and its training loss as one module, so that DDP and torch.compile see a single forward."""
 
     def __init__(self, model: PaliGemma):
@@ -172,12 +208,25 @@ class SuffixLoss(nn.Module):
         self.model = model
 
     def forward(self, input_ids, pixel_values, attention_mask, token_type_ids, labels) -> torch.Tensor:
-        """Summed cross-entropy over the batch's target tokens (suffix and <eos>)."""
+        """The cross-entropy *summed* over the batch's target tokens (suffix and <eos>); divide by
+        count_targets(labels), over all micro-batches and processes of a step, for the mean."""
         h = self.model.hidden_states(input_ids, pixel_values, attention_mask, token_type_ids)  # (B, T, D)
         targets = labels[:, 1:]  # position t predicts token t + 1
         is_target = targets != -100
-        logits = self.model.language_model.logits(h[:, :-1][is_target])  # (n_targets, vocab), not (B, T, vocab)
+        logits = self.model.language_model.logits(h[:, :-1][is_target])  # (n_targets, V), not (B, T, V)
         return F.cross_entropy(logits.float(), targets[is_target], reduction="sum")
+
+
+def lr_at(step: int, lr: float, warmup: float, steps: int) -> float:
+    """Linear warm-up over the first `warmup` fraction of the steps, then cosine decay to 0."""
+    warmup_steps = int(warmup * steps)
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, steps - warmup_steps)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
 
 
 def normalize_answer(text: str) -> str:
@@ -208,21 +257,23 @@ def detection_ious(predicted: str, target: str) -> list[float]:
 
 
 @torch.no_grad()
-def evaluate(model: PaliGemma, processor: Processor, examples: list[dict], args, device, autocast) -> dict:
-    """Validation loss, and greedy answers scored: by box IoU for detect prompts, by exact match for the others."""
+def evaluate(model: PaliGemma, processor: Processor, examples: list[dict], batch_size: int, max_len: int,
+             device, autocast) -> tuple[dict, list[str]]:
+    """Validation loss, and greedy answers scored: by box IoU for detect prompts, by exact match for the
+    others. Returns the metrics and three example answers."""
     model.eval()
     loss_sum, n_targets, matches, ious, shown = 0.0, 0, [], [], []
-    for i in range(0, len(examples), args.batch_size):
-        chunk = examples[i:i + args.batch_size]
-        images, prefixes = load_images(chunk), [e["prefix"] for e in chunk]
-        batch = processor(images, prefixes, [e["suffix"] for e in chunk], max_len=args.max_len)
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        images, prefixes = [load_image(e["image"]) for e in chunk], [e["prefix"] for e in chunk]
+        batch = processor(images, prefixes, [e["suffix"] for e in chunk], max_len=max_len)
         prompts = processor(images, prefixes)  # what the model answers: the prompts alone
         batch, prompts = ({k: v.to(device) for k, v in b.items()} for b in (batch, prompts))
         with autocast:
-            loss_sum += SuffixLoss(model)(**batch).item()
+            loss_sum += SuffixLossSum(model)(**batch).item()
             new = model.generate(prompts["input_ids"], prompts["pixel_values"], prompts["attention_mask"],
-                                 max_new_tokens=args.max_len)
-        n_targets += int((batch["labels"][:, 1:] != -100).sum())
+                                 max_new_tokens=max_len)
+        n_targets += int(count_targets(batch["labels"]))
         for e, row in zip(chunk, new.tolist()):
             answer = processor.decode(row).strip()
             if e["prefix"].startswith("detect"):
@@ -242,127 +293,255 @@ def evaluate(model: PaliGemma, processor: Processor, examples: list[dict], args,
 
 # ----------------------------------------------------------------------------------------------
 # Checkpoints
+#
+# --out holds config.json, model.safetensors (its step in the metadata), the tokenizer files and
+# train_state.pt (step, optimizer and loss-scale state). Every file is written to a temporary name,
+# flushed to disk and renamed over the old one, so a file is always whole. The two files of a step
+# are made consistent by the order of the renames: the new train state goes in beside the old one as
+# train_state.next.pt, then the weights, then the new state takes the old one's name. Killed at any
+# instant, --out holds weights of step N-1 or N, and a train state of the same step.
+
+CHECKPOINT_FILES = ("model.safetensors", "model.safetensors.index.json", "train_state.pt")  # what a checkpoint holds
+NEXT_STATE = "train_state.next.pt"
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64"}
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]):
+    """The safetensors format, written tensor by tensor: an 8-byte header length, a JSON header of
+    names, dtypes, shapes and byte ranges, then the bytes. (safetensors' own save_file writes through
+    a temporary file of its own, with a random name and mode 0600.)"""
+    header, offset = {"__metadata__": metadata}, 0
+    for name, t in tensors.items():
+        size = t.numel() * t.element_size()
+        header[name] = dict(dtype=SAFETENSORS_DTYPES[t.dtype], shape=list(t.shape),
+                            data_offsets=[offset, offset + size])
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(encoded).to_bytes(8, "little") + encoded)
+        for t in tensors.values():
+            f.write(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().data)
 
 
 def write_atomically(path: Path, write):
-    """`write(tmp_path)`, then rename over `path`: a crash leaves the old file whole."""
+    """`write(tmp_path)`, flushed to disk, then renamed over `path`: a crash leaves the old file whole."""
     tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
-def save_checkpoint(out: Path, source: Path, model: PaliGemma, optimizer, scaler, step: int, args):
-    """An official-layout checkpoint (weights, config.json, tokenizer files) plus train_state.pt."""
-    out.mkdir(parents=True, exist_ok=True)
-    if source.resolve() != out.resolve():
-        for f in source.iterdir():  # tokenizer.model and the other tokenizer/processor files
-            if f.name == "tokenizer.model" or (f.suffix == ".json" and f.name not in ("model.safetensors.index.json", "config.json")):
-                write_atomically(out / f.name, functools.partial(shutil.copyfile, f))
-    config = json.loads((source / "config.json").read_text())
-    if args.no_final_softcap:  # the fine-tuned model is used without the cap it was trained without
-        config["text_config"]["final_logit_softcapping"] = None
-    write_atomically(out / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
-    state = {k: v.contiguous() for k, v in official_state_dict(model).items()}
-    write_atomically(out / "model.safetensors",
-                     lambda tmp: save_file(state, tmp, metadata={"format": "pt", "step": str(step)}))
-    write_atomically(out / "train_state.pt", lambda tmp: torch.save(
-        dict(step=step, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), trainable=args.trainable), tmp))
+def save_checkpoint(out: Path, source: Path, model: PaliGemma, optimizer, scaler, step: int, trainable: str,
+                    optimizer_name: str, no_final_softcap: bool):
+    """An official-layout checkpoint (weights, config.json, tokenizer files) plus the train state of
+    `step`, crash-consistent (see above). A failed write (a full disk) stops the run with the previous
+    checkpoint intact."""
+    try:
+        if source.resolve() != out.resolve():  # tokenizer.model and the other tokenizer/processor files
+            for f in source.iterdir():
+                if f.name == "tokenizer.model" or (f.suffix == ".json" and f.name not in (
+                        "model.safetensors.index.json", "config.json")):
+                    write_atomically(out / f.name, functools.partial(shutil.copyfile, f))
+        config = json.loads((source / "config.json").read_text())
+        if no_final_softcap:  # the fine-tuned model is used without the cap it was trained without
+            config["text_config"]["final_logit_softcapping"] = None
+        write_atomically(out / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
+        train_state = dict(step=step, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                           trainable=trainable, optimizer_name=optimizer_name)
+        write_atomically(out / NEXT_STATE, lambda tmp: torch.save(train_state, tmp))
+        write_atomically(out / "model.safetensors", lambda tmp: write_safetensors(
+            tmp, official_state_dict(model), {"format": "pt", "step": str(step)}))
+        os.replace(out / NEXT_STATE, out / "train_state.pt")
+        fsync_folder(out)
+    except OSError as e:
+        fail(f"cannot save the checkpoint of step {step} in {out} ({e.strerror or e}); "
+             "the checkpoint it held before, if any, is intact")
     log(f"saved {out} at step {step}")
 
 
-# ----------------------------------------------------------------------------------------------
-
-
-def resolve_checkpoint_or_fail(name: str) -> Path:
+def fsync_folder(folder: Path):
+    """The renames in `folder` reach the disk (they are already safe from a killed process)."""
+    fd = os.open(folder, os.O_RDONLY)
     try:
-        return resolve_checkpoint(name, ["*.json", "*.safetensors", "tokenizer.model"])  # weights, config, tokenizer
-    except (OSError, ValueError) as e:
-        fail(str(e))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_train_state(out: Path, device) -> dict:
+    """The train state of the step of out/model.safetensors, finishing a save that a kill interrupted."""
+    try:
+        with safe_open(out / "model.safetensors", framework="pt") as f:
+            step = int((f.metadata() or {})["step"])
+    except (SafetensorError, OSError, KeyError, ValueError) as e:
+        what = "has no step in its metadata" if isinstance(e, (KeyError, ValueError)) else f"cannot be read ({e})"
+        fail(f"--resume: {out / 'model.safetensors'} {what}: it was not written by train.py")
+    for name in ("train_state.pt", NEXT_STATE):
+        if not (out / name).is_file():
+            continue
+        try:
+            state = torch.load(out / name, map_location=device, weights_only=True)
+        except Exception as e:  # truncated or not a torch file: pickle, zip and torch raise many types
+            fail(f"--resume: {out / name} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        if state.get("step") == step:
+            if name == NEXT_STATE:  # killed between the last two renames of a save: finish it
+                os.replace(out / NEXT_STATE, out / "train_state.pt")
+            return state
+    fail(f"--resume: {out} holds weights of step {step} but no train state of that step")
+
+
+def remove_leftovers(out: Path):
+    """Temporary files of a save that a kill interrupted, and a train state that never took effect."""
+    for f in out.glob(".*.tmp"):
+        f.unlink()
+    (out / NEXT_STATE).unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Options
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, required=True, help="training JSONL")
-    p.add_argument("--val", type=Path, default=None,
-                   help="validation JSONL (default: _annotations.valid.jsonl or valid.jsonl beside --data, or ../valid/ of a train/ folder)")
+    p.add_argument("--val", type=Path, default=None, help="validation JSONL (default: _annotations.valid.jsonl "
+                   "or valid.jsonl beside --data, or ../valid/ of a train/ folder)")
     p.add_argument("--model", default="google/paligemma-3b-pt-224", help="checkpoint folder or hub id")
     p.add_argument("--out", type=Path, default=Path("out"), help="checkpoint folder to write")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace the checkpoint that --out holds by a new run")
     p.add_argument("--trainable", choices=sorted(TRAINABLE), default="attn", help="attn: the decoder's q/k/v/o only")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: --epochs)")
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--batch-size", type=int, default=8, help="examples per micro-batch and process")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw", help="sgd: big_vision's recipe (plain SGD, --lr 0.03)")
-    p.add_argument("--lr", type=float, default=2e-5)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--warmup", type=float, default=0.1, help="fraction of the steps with a linear warm-up, then cosine decay")
-    p.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping (0: none)")
+    p.add_argument("--steps", type=number(int, 1), default=None, help="optimizer steps (default: --epochs)")
+    p.add_argument("--epochs", type=number(float, 0, above=True), default=1.0)
+    p.add_argument("--batch-size", type=number(int, 1), default=8, help="examples per micro-batch and process")
+    p.add_argument("--grad-accum", type=number(int, 1), default=1, help="micro-batches per optimizer step")
+    p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw",
+                   help="sgd: big_vision's recipe (plain SGD, --lr 0.03)")
+    p.add_argument("--lr", type=number(float, 0), default=2e-5)
+    p.add_argument("--weight-decay", type=number(float, 0), default=0.0)
+    p.add_argument("--warmup", type=number(float, 0, 1), default=0.1,
+                   help="fraction of the steps with a linear warm-up, then cosine decay")
+    p.add_argument("--clip", type=number(float, 0), default=1.0, help="gradient norm clipping (0: none)")
     p.add_argument("--no-final-softcap", action="store_true",
                    help="PaliGemma 2: train (and save) without the final logit soft-cap, as big_vision's transfers do")
-    p.add_argument("--max-len", type=int, default=128, help="text tokens per example, image tokens not counted")
+    p.add_argument("--max-len", type=number(int, 1), default=128,
+                   help="text tokens per example, image tokens not counted")
     p.add_argument("--skip-bad", action="store_true", help="skip bad JSONL lines instead of stopping")
-    p.add_argument("--grad-checkpointing", action="store_true", help="recompute decoder layers in backward: less memory")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute decoder layers in backward: less memory")
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="compute dtype and dtype of frozen weights (default: bfloat16 on a GPU that supports it, else float32)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="compute dtype and dtype "
+                   "of frozen weights (default: bfloat16 on a GPU that supports it, else float32)")
     p.add_argument("--device", default=None, help="default: cuda, then mps, then cpu")
     p.add_argument("--seed", type=int, default=0, help="fixes the data order")
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: only at the end)")
-    p.add_argument("--eval-examples", type=int, default=100, help="validation examples to evaluate")
-    p.add_argument("--save-every", type=int, default=0, help="save every N steps (0: only at the end)")
+    p.add_argument("--log-every", type=number(int, 1), default=10)
+    p.add_argument("--eval-every", type=number(int, 0), default=0, help="evaluate every N steps (0: only at the end)")
+    p.add_argument("--eval-examples", type=number(int, 0), default=100, help="validation examples to evaluate")
+    p.add_argument("--save-every", type=number(int, 0), default=0, help="save every N steps (0: only at the end)")
     return p.parse_args(argv)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    device = torch.device(args.device or default_device())
-    if world > 1:
+# ----------------------------------------------------------------------------------------------
+# The steps of main
+
+
+def check_out(args):
+    """--out against --model and against what it holds, before anything is loaded: never the source
+    model, a file, or unwritable; an earlier run's checkpoint only with --resume or --overwrite."""
+    out, model = args.out.resolve(), Path(args.model).expanduser().resolve()
+    if not args.resume and Path(args.model).expanduser().is_dir() and (
+            out == model or out.is_relative_to(model) or model.is_relative_to(out)):
+        fail(f"--out {args.out} and --model {args.model} are the same folder or one holds the other: "
+             "the checkpoint being fine-tuned would be overwritten; choose another --out")
+    existing = next((p for p in [out, *out.parents] if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        fail(f"--out {args.out}: {existing} is a file, not a folder")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        fail(f"--out {args.out}: {existing} is not writable (permission denied)")
+    held = [name for name in CHECKPOINT_FILES if (out / name).exists()]
+    if args.resume and not (out / "model.safetensors").is_file():
+        fail(f"--resume: {args.out} holds no checkpoint written by train.py (no model.safetensors)")
+    if args.resume and args.overwrite:
+        fail("--resume continues the checkpoint in --out and --overwrite replaces it: give one of them")
+    if held and not args.resume and not args.overwrite:
+        fail(f"--out {args.out} holds a checkpoint ({', '.join(held)}): continue it with --resume, "
+             "replace it with --overwrite, or choose another --out")
+
+
+def setup(args) -> tuple[torch.device, torch.dtype]:
+    """The device (one GPU per process under torchrun), the process group and the compute dtype."""
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        fail(f"--{e}")
+    if WORLD > 1:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    dtype = getattr(torch, args.dtype) if args.dtype else (
-        torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32)
     torch.manual_seed(args.seed)
+    return device, getattr(torch, args.dtype) if args.dtype else default_dtype(device)
 
-    train_set = read_jsonl(args.data, args.skip_bad)
+
+def load_for_training(source: Path, trainable: str, dtype, device) -> tuple[PaliGemma, list[nn.Parameter]]:
+    """The model with the `trainable` parameters read in float32 (from the checkpoint's own precision)
+    and learning, the others frozen in the compute dtype."""
+    learns = TRAINABLE[trainable]
+    try:
+        model = PaliGemma.from_pretrained(source, dtype=lambda name: torch.float32 if learns(name) else dtype,
+                                          device=device)
+    except (OSError, ValueError) as e:
+        fail(str(e))
+    for name, p in model.named_parameters():
+        p.requires_grad_(learns(name))
+    return model, [p for p in model.parameters() if p.requires_grad]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+
+    # Setup: the device and processes; --out checked before anything is loaded.
+    check_out(args)
+    device, dtype = setup(args)
+    source = args.out if args.resume else None
+    try:
+        source = source or resolve_checkpoint(args.model, ["*.json", "*.safetensors", "tokenizer.model"])
+        processor = Processor.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        fail(str(e))
+
+    # Data: every line and image checked; an example must leave room in --max-len for its answer.
+    def room_for_answer(e):
+        n = len(processor.text_tokens(e["prefix"])[0])
+        return f"the prompt is {n} tokens: --max-len {args.max_len} leaves no room for the answer" \
+            if n >= args.max_len else None
+    train_set = read_jsonl(args.data, args.skip_bad, room_for_answer)
     val_file = args.val or default_val_file(args.data)
     val_set = read_jsonl(val_file, args.skip_bad)[:args.eval_examples] if val_file else []
     log(f"data: {len(train_set)} training examples from {args.data}; "
         + (f"{len(val_set)} validation examples from {val_file}" if val_file else "no validation file"))
-
-    if args.resume and not (args.out / "train_state.pt").is_file():
-        fail(f"--resume: {args.out} holds no checkpoint written by train.py (no train_state.pt)")
-    source = args.out if args.resume else resolve_checkpoint_or_fail(args.model)
-    try:
-        model = PaliGemma.from_pretrained(source, dtype=dtype, device=device)
-        processor = Processor.from_pretrained(source)
-    except (OSError, ValueError) as e:
-        fail(str(e))
-    if args.no_final_softcap:
-        model.config.text_config.final_logit_softcapping = None
     truncated = sum(len(processor.text_tokens(e["prefix"], e["suffix"])[0]) > args.max_len for e in train_set)
     if truncated:
         log(f"data: {truncated} training example(s) longer than --max-len {args.max_len} text tokens are truncated")
-
-    trainable = set_trainable(model, args.trainable)
-    # Re-read at their stored precision: the float32 weights start from the checkpoint's values, not their rounding.
-    for name, tensor in read_tensors(source, set(trainable)).items():
-        model.get_parameter(name).data.copy_(tensor)
-    params = [p for p in model.parameters() if p.requires_grad]
-    n_trainable, n_total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
-    log(f"model: {n_total:,} parameters, {n_trainable:,} trainable ({args.trainable}), compute {dtype}, {device}"
-        + (f", {world} processes" if world > 1 else ""))
-
-    per_step = args.batch_size * args.grad_accum * world
+    per_step = args.batch_size * args.grad_accum * WORLD
     if len(train_set) < per_step:
         fail(f"{len(train_set)} training examples are fewer than one step's batch of {per_step}")
     steps = args.steps or max(1, int(args.epochs * len(train_set) // per_step))
+
+    # Model: trainable weights in float32, the rest frozen in the compute dtype.
+    model, params = load_for_training(source, args.trainable, dtype, device)
+    if args.no_final_softcap:
+        model.config.text_config.final_logit_softcapping = None
+    n_trainable, n_total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
+    log(f"model: {n_total:,} parameters, {n_trainable:,} trainable ({args.trainable}), compute {dtype}, {device}"
+        + (f", {WORLD} processes" if WORLD > 1 else ""))
+
+    # Optimizer and resume.
     if args.optimizer == "adamw":
         optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     else:
@@ -371,121 +550,145 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     start = 0
     if args.resume:
-        state = torch.load(args.out / "train_state.pt", map_location=device)
-        if state["trainable"] != args.trainable:
-            fail(f"{args.out} was trained with --trainable {state['trainable']}, not {args.trainable}")
-        with safe_open(args.out / "model.safetensors", framework="pt") as f:
-            if int(f.metadata()["step"]) != state["step"]:
-                fail(f"{args.out}: model.safetensors and train_state.pt are from different steps")
+        state = read_train_state(args.out, device)
+        for option, value in (("trainable", args.trainable), ("optimizer_name", args.optimizer)):
+            if state.get(option, value) != value:
+                fail(f"{args.out} was trained with --{option.split('_')[0]} {state[option]}, not {value}")
         optimizer.load_state_dict(state["optimizer"])
         if state["scaler"] and scaler.is_enabled():  # empty when the run so far was not in float16
             scaler.load_state_dict(state["scaler"])
         start = state["step"]
         log(f"resumed from {args.out} at step {start}")
+    if start >= steps:
+        fail(f"--resume: {args.out} is at step {start} already; ask for more --steps than that")
+    if RANK == 0:
+        args.out.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(args.out)
+        metrics_file = args.out / "metrics.jsonl"
+        if args.overwrite:
+            for name in CHECKPOINT_FILES:  # what would mix with the new run; the weights are replaced at the first save
+                if name != "model.safetensors" and (args.out / name).exists():
+                    (args.out / name).unlink()
+            log(f"--overwrite: {args.out}'s train state and metrics are removed; its weights are replaced at the "
+                "first save")
+        keep = [line for line in metrics_file.read_text().splitlines() if json.loads(line).get("step", 0) <= start] \
+            if args.resume and metrics_file.exists() else []  # a resumed run logs again what followed its step
+        metrics_file.write_text("".join(line + "\n" for line in keep))
 
+    # Wrapping: activation checkpointing, data parallelism, compilation.
     if args.grad_checkpointing:  # recompute each decoder layer's activations in backward
         for layer in model.language_model.layers:
             layer.forward = functools.partial(torch.utils.checkpoint.checkpoint, layer.forward, use_reentrant=False)
-    loss_model = SuffixLoss(model)
-    if world > 1:
+    loss_model = SuffixLossSum(model)
+    if WORLD > 1:
         loss_model = DistributedDataParallel(loss_model)
     if args.compile:
         loss_model = torch.compile(loss_model)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-
-    def lr_at(step: int) -> float:
-        warmup = int(args.warmup * steps)
-        if step < warmup:
-            return args.lr * (step + 1) / warmup
-        return args.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
     loader = torch.utils.data.DataLoader(
-        train_set, batch_sampler=list(micro_batches(len(train_set), args.batch_size, args.grad_accum, world, rank,
-                                                    args.seed, start, steps)),
+        train_set, batch_sampler=list(micro_batches(len(train_set), args.batch_size, args.grad_accum, args.seed,
+                                                    start, steps)),
         collate_fn=functools.partial(collate, processor=processor, max_len=args.max_len),
-        num_workers=min(4, os.cpu_count() or 1))
-    for sig in (signal.SIGINT, signal.SIGTERM):  # before the loader's workers start, so that they inherit it
-        signal.signal(sig, lambda *_: STOP.append(True))
-    batches = iter(loader)
-    metrics_file = args.out / "metrics.jsonl"
-    if rank == 0:
-        args.out.mkdir(parents=True, exist_ok=True)
+        num_workers=min(4, os.cpu_count() or 1), worker_init_fn=ignore_signals)
 
     def record(entry: dict):
-        if rank == 0:
+        if RANK == 0:
             with open(metrics_file, "a") as f:
                 f.write(json.dumps(entry) + "\n")
 
     def run_eval(step: int):
-        if rank == 0 and val_set:
-            metrics, shown = evaluate(model, processor, val_set, args, device, autocast)
+        if RANK == 0 and val_set:
+            metrics, shown = evaluate(model, processor, val_set, args.batch_size, args.max_len, device, autocast)
             log(f"eval step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), *shown, sep="\n")
             record(dict(step=step, **metrics))
-        if world > 1:
-            dist.barrier()
+        barrier()
 
-    model.train()
-    if start == 0 and args.eval_every:
-        run_eval(0)
-    t_start = t_log = time.perf_counter()
-    logged_step, tokens_since_log = start, 0
-    for step in range(start, steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step)
-        micro = [{k: v.to(device) for k, v in next(batches).items()} for _ in range(args.grad_accum)]
-        n_targets = torch.tensor(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro), device=device)
-        if world > 1:
-            dist.all_reduce(n_targets)
-        loss_sum = torch.zeros((), device=device)
-        for i, batch in enumerate(micro):
-            sync = world == 1 or i == args.grad_accum - 1  # DDP all-reduces gradients on the last micro-batch only
-            with (contextlib.nullcontext() if sync else loss_model.no_sync()), autocast:
-                loss = loss_model(**batch)
-            # DDP averages over ranks; the mean is over the global targets
-            scaler.scale(loss * world / n_targets).backward()
-            loss_sum += loss.detach()
-            tokens_since_log += int(batch["attention_mask"].sum()) * world
-        if world > 1:
-            dist.all_reduce(loss_sum)
-        loss = (loss_sum / n_targets).item()
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip if args.clip > 0 else float("inf"))
-        if scaler.is_enabled() and math.isfinite(loss) and not torch.isfinite(grad_norm):
-            log(f"step {step + 1}: float16 gradients overflowed at loss scale {scaler.get_scale():g}; "
-                "step skipped, scale lowered")
-        elif not math.isfinite(loss) or not torch.isfinite(grad_norm):
-            fail(f"non-finite loss ({loss}) or gradient norm ({grad_norm.item()}) at step {step + 1}; stopped before the "
-                 f"optimizer step, nothing saved (try a lower --lr). The last checkpoint in {args.out}, if any, is intact.")
-        scaler.step(optimizer)  # optimizer.step(), unless float16 gradients overflowed
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-        if done % args.log_every == 0 or done == steps:
-            now = time.perf_counter()
-            per_step_s = (now - t_log) / (done - logged_step)
-            memory = f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else ""
-            log(f"step {done}/{steps}: loss {loss:.4f}, lr {lr_at(step):.2e}, {tokens_since_log / (now - t_log):.0f} tok/s, "
-                f"{per_step_s:.2f} s/step{memory}, {(steps - done) * (now - t_start) / (done - start) / 60:.1f} min left")
-            record(dict(step=done, loss=loss, lr=lr_at(step), seconds_per_step=per_step_s))
-            t_log, logged_step, tokens_since_log = now, done, 0
-        if args.eval_every and done % args.eval_every == 0 and done != steps:
-            run_eval(done)
-        stop = bool(STOP)
-        if world > 1:  # a signal may reach the ranks during different steps: all stop at the same one
-            flag = torch.tensor(float(stop), device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stop = flag.item() > 0
-        if stop or done == steps or (args.save_every and done % args.save_every == 0):
-            if rank == 0:
-                save_checkpoint(args.out, source, model, optimizer, scaler, done, args)
-            if world > 1:
-                dist.barrier()
-        if stop:
-            log(f"stopped at step {done}; continue with --resume")
-            break
-    else:
-        run_eval(steps)
-    if world > 1:
+    def save(step: int):
+        if RANK == 0:
+            save_checkpoint(args.out, source, model, optimizer, scaler, step, args.trainable, args.optimizer,
+                            args.no_final_softcap)
+        barrier()
+
+    def on_signal(signum, frame):
+        if STOP and signum == signal.SIGINT:  # a second Ctrl-C: at once; the last checkpoint stays intact
+            print(f"stopped at once; the last checkpoint in {args.out}, if any, is intact", file=sys.stderr, flush=True)
+            os._exit(130)
+        STOP.append(signum)
+        log(f"{signal.Signals(signum).name}: saving at the end of this step, then stopping (Ctrl-C again: at once)")
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+
+    # The training loop.
+    with contextlib.closing(batches_of(loader)) as batches:  # the loader's workers stop with the loop
+        model.train()
+        if start == 0 and args.eval_every:
+            run_eval(0)
+        t_start = t_log = time.perf_counter()
+        logged_step, tokens_since_log = start, 0
+        for step in range(start, steps):
+            done = step + 1
+            lr = lr_at(step, args.lr, args.warmup, steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+            # This step's micro-batches; an image that became unreadable stops the run at the previous step.
+            micro = [next(batches) for _ in range(args.grad_accum)]
+            error = next((b["error"] for b in micro if "error" in b), None)
+            if all_reduce(torch.tensor(float(error is not None), device=device), dist.ReduceOp.MAX).item():
+                if step > start:
+                    save(step)
+                fail(f"{error or 'an image of another process cannot be read'}; stopped before step {done}"
+                     + (f", saved at step {step}" if step > start else "") + ": fix the data and --resume")
+            micro = [{k: v.to(device) for k, v in b.items()} for b in micro]
+            n_targets = all_reduce(torch.tensor(sum(int(count_targets(b["labels"])) for b in micro), device=device))
+
+            # Forward and backward over the micro-batches; gradients are of the step's mean loss.
+            loss_sum = torch.zeros((), device=device)
+            for i, batch in enumerate(micro):
+                last = i == args.grad_accum - 1  # DDP all-reduces gradients on the last micro-batch only
+                with (loss_model.no_sync() if WORLD > 1 and not last else contextlib.nullcontext()), autocast:
+                    loss = loss_model(**batch)
+                scaler.scale(loss * WORLD / n_targets).backward()  # DDP averages over processes: the mean is global
+                loss_sum += loss.detach()
+                tokens_since_log += int(batch["attention_mask"].sum()) * WORLD
+            loss = (all_reduce(loss_sum) / n_targets).item()
+
+            # Clip, then the optimizer step (skipped when float16 gradients overflowed).
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip if args.clip > 0 else float("inf"))
+            if scaler.is_enabled() and math.isfinite(loss) and not torch.isfinite(grad_norm):
+                log(f"step {done}: float16 gradients overflowed at loss scale {scaler.get_scale():g}; "
+                    "step skipped, scale lowered")
+            elif not math.isfinite(loss) or not torch.isfinite(grad_norm):
+                fail(f"non-finite loss ({loss}) or gradient norm ({grad_norm.item()}) at step {done}; stopped "
+                     "before the optimizer step, nothing saved (try a lower --lr). The last checkpoint in "
+                     f"{args.out}, if any, is intact.")
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+
+            # Log, evaluate, save; stop when a signal came (in any process).
+            if done % args.log_every == 0 or done == steps:
+                now = time.perf_counter()
+                per_step_s = (now - t_log) / (done - logged_step)
+                memory = f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else ""
+                minutes_left = (steps - done) * (now - t_start) / (done - start) / 60
+                log(f"step {done}/{steps}: loss {loss:.4f}, lr {lr:.2e}, {tokens_since_log / (now - t_log):.0f} tok/s, "
+                    f"{per_step_s:.2f} s/step{memory}, {minutes_left:.1f} min left")
+                record(dict(step=done, loss=loss, lr=lr, seconds_per_step=per_step_s))
+                t_log, logged_step, tokens_since_log = now, done, 0
+            if args.eval_every and done % args.eval_every == 0 and done != steps:
+                run_eval(done)
+            stop = all_reduce(torch.tensor(float(STOP[0] if STOP else 0), device=device), dist.ReduceOp.MAX).item()
+            if stop or done == steps or (args.save_every and done % args.save_every == 0):
+                save(done)
+            if stop:
+                log(f"stopped at step {done}; continue with --resume")
+                sys.exit(128 + int(stop))  # 130 after Ctrl-C, 143 after SIGTERM: not a finished run
+
+    # Final evaluation.
+    run_eval(steps)
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 

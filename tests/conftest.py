@@ -12,9 +12,11 @@ import signal
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import sentencepiece as spm
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -34,10 +36,12 @@ SENTENCES = [
 CONFIGS = {
     "mqa": dict(text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                           num_key_value_heads=1, head_dim=16),
-                vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28)),
+                vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            image_size=28)),
     "gqa": dict(text=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
                           num_key_value_heads=2, head_dim=24),
-                vision=dict(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6, image_size=42)),
+                vision=dict(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
+                            image_size=42)),
 }
 
 
@@ -46,13 +50,16 @@ CONFIGS = {
 CONFIGS2 = {
     "pg2-gqa": dict(text=dict(model_type="gemma2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                               num_attention_heads=4, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=16),
-                    vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28)),
+                    vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                image_size=28)),
     "pg2-mqa": dict(text=dict(model_type="gemma2", hidden_size=48, intermediate_size=96, num_hidden_layers=3,
                               num_attention_heads=4, num_key_value_heads=1, head_dim=16),
-                    vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=42)),
+                    vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                image_size=42)),
     "pg2-window": dict(text=dict(model_type="gemma2", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=6),
-                       vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=42)),
+                       vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                   image_size=42)),
 }
 
 
@@ -150,6 +157,47 @@ def hf_processor(folder: Path):
     tokenizer = transformers.GemmaTokenizer.from_pretrained(folder)
     return transformers.PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
+
+# ----------------------------------------------------------------------------------------------
+# Parity helpers: the same inputs through ours and transformers
+
+TOL = 1e-5  # float32 bound on |logit difference|; measured differences are ~3e-7 (tiny) to ~6e-6 (real widths)
+PREFIXES = ["caption en", "answer en how many circles are there?", "detect square"]
+SUFFIXES = ["a red circle", "2", "<loc0100><loc0200><loc0300><loc0400> square"]
+
+
+def random_images(n: int, seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    sizes = [(37, 53), (64, 20), (100, 100), (13, 77)]
+    return [Image.fromarray(rng.integers(0, 256, (*sizes[i % 4], 3), dtype=np.uint8)) for i in range(n)]
+
+
+def max_diff_on_tokens(ours: torch.Tensor, theirs: torch.Tensor, attention_mask: torch.Tensor) -> float:
+    """Max |difference| over the real (non-padding) positions; padding positions are never read."""
+    keep = attention_mask.bool()
+    return (ours[keep] - theirs[keep]).abs().max().item()
+
+
+def compare(folder, prefixes, suffixes=None, label=""):
+    """Our logits and transformers' on the same checkpoint and inputs: at most TOL apart."""
+    from paligemma import PaliGemma
+    from processor import Processor
+
+    ours, theirs = PaliGemma.from_pretrained(folder), hf_model(folder)
+    batch = Processor.from_pretrained(folder)(random_images(len(prefixes)), prefixes, suffixes)
+    inputs = {k: batch[k] for k in ("input_ids", "pixel_values", "attention_mask", "token_type_ids")}
+    with torch.no_grad():
+        a = ours(**inputs)
+        b = theirs(**inputs, labels=batch.get("labels")).logits
+    assert a.shape == b.shape
+    diff = max_diff_on_tokens(a, b, batch["attention_mask"])
+    print(f"{label} {folder.name}: max |logit difference| {diff:.2e}")
+    assert diff <= TOL
+    return diff
+
+
+# ----------------------------------------------------------------------------------------------
+# Training data
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 40)}
 

@@ -11,6 +11,7 @@ def test_bench_tiny_runs():
     r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--preset", "tiny", "--repeat", "1"],
                        capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
-    for row in ("load (s)", "prefill, batch 8", "generate 64 tokens, batch 1", "its decoding steps alone", "attention-only train step", "peak RSS",
+    for row in ("load (s)", "prefill, batch 8", "generate 64 tokens, batch 1", "its decoding steps alone",
+                "attention-only train step", "peak RSS",
                 "limit", "trainable parameters (attention only): 655,360"):
         assert row in r.stdout, row

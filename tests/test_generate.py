@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from conftest import hf_model
-from paligemma import PaliGemma, Processor, parse_detections, sample
-from test_parity import PREFIXES, random_images
+from conftest import PREFIXES, hf_model, random_images
+from paligemma import PaliGemma, sample
+from processor import Processor, parse_detections
 
 
 @pytest.fixture(scope="module")
@@ -96,13 +96,15 @@ def test_prompt_too_long(tiny):
 
 
 def test_parse_detections():
-    text = "<loc0100><loc0200><loc0300><loc0400> red circle ; <loc0000><loc0000><loc1024><loc0512> big blue square"
+    text = "<loc0100><loc0200><loc0300><loc0400> red circle ; <loc0000><loc0000><loc1023><loc0512> big blue square"
     assert parse_detections(text, width=1024, height=512) == [
-        ((200.0, 50.0, 400.0, 150.0), "red circle"), ((0.0, 0.0, 512.0, 512.0), "big blue square")]
+        ((200.0, 50.0, 400.0, 150.0), "red circle"), ((0.0, 0.0, 512.0, 511.5), "big blue square")]
     seg = "<loc0100><loc0200><loc0300><loc0400>" + "<seg001>" * 16 + " cat"
     assert parse_detections(seg, 1024, 1024) == [((200.0, 100.0, 400.0, 300.0), "cat")]
     for garbage in ("", "a cat", "<loc0100><loc0200> cat", "<loc0100><loc0200><loc0300", "<locabcd>" * 4 + " x",
-                    "<loc0300><loc0200><loc0100><loc0400> upside down", ";;; <loc>"):
+                    "<loc0300><loc0200><loc0100><loc0400> upside down", ";;; <loc>",
+                    "<loc0000><loc0000><loc1024><loc0512> past the last loc token",
+                    "<loc0000><loc0000><loc0050><loc9999> x"):
         assert parse_detections(garbage, 100, 100) == [], garbage
     truncated = "<loc0100><loc0200><loc0300><loc0400> dog ; <loc0010><loc00"
     assert parse_detections(truncated, 1024, 1024) == [((200.0, 100.0, 400.0, 300.0), "dog")]

@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(*args):
-    return subprocess.run([sys.executable, str(ROOT / "infer.py"), *map(str, args)], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, str(ROOT / "infer.py"), *map(str, args)], capture_output=True, text=True,
+                          timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def test_errors_are_one_line_with_exit_code_2(case, mqa_checkpoint, images, tmp_
     if case == "missing image":
         image, expected = images / "nope.png", "nope.png: no such image file"
     elif case == "unreadable image":
-        image, expected = images / "broken.jpg", "broken.jpg: cannot read the image"
+        image, expected = images / "broken.jpg", "broken.jpg: cannot be decoded as an image"
     elif case == "no weights":
         model = tmp_path / "empty"
         model.mkdir()

@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import rewrite_official
-from paligemma import PaliGemma, Processor
-from test_parity import PREFIXES, random_images
+from conftest import PREFIXES, random_images, rewrite_official
+from paligemma import PaliGemma
+from processor import Processor
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,8 @@ def test_missing_tensor_is_named(layouts, tmp_path):
 
 
 def test_unexpected_tensor_is_named(layouts, tmp_path):
-    folder = edited(layouts["official"], tmp_path / "c", lambda s: s.update({"language_model.model.extra.weight": torch.zeros(3)}))
+    extra = {"language_model.model.extra.weight": torch.zeros(3)}
+    folder = edited(layouts["official"], tmp_path / "c", lambda s: s.update(extra))
     with pytest.raises(ValueError, match=r"unexpected tensors: language_model\.model\.extra\.weight"):
         PaliGemma.from_pretrained(folder)
 
@@ -68,7 +69,8 @@ def test_unexpected_tensor_is_named(layouts, tmp_path):
 def test_wrong_shape_is_named(layouts, tmp_path):
     key = "multi_modal_projector.linear.bias"
     folder = edited(layouts["official"], tmp_path / "c", lambda s: s.update({key: torch.zeros(7)}))
-    with pytest.raises(ValueError, match=r"wrong shapes: multi_modal_projector\.linear\.bias \[7\] \(expected \[64\]\)"):
+    expected = r"wrong shapes: multi_modal_projector\.linear\.bias \[7\] \(expected \[64\]\)"
+    with pytest.raises(ValueError, match=expected):
         PaliGemma.from_pretrained(folder)
 
 

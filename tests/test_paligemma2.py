@@ -7,9 +7,10 @@ import shutil
 import pytest
 import torch
 
-from conftest import fresh_checkpoint, hf_config, make_checkpoint, rewrite_official
-from paligemma import PaliGemma, Processor
-from test_parity import PREFIXES, SUFFIXES, compare, random_images
+from conftest import (PREFIXES, SUFFIXES, compare, fresh_checkpoint, hf_config, make_checkpoint, random_images,
+                      rewrite_official)
+from paligemma import PaliGemma
+from processor import Processor
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +22,7 @@ def test_sliding_window_is_exercised(window_checkpoint):
     """The parity test's sequences are longer than the window, so the window really masks something."""
     model, processor = PaliGemma.from_pretrained(window_checkpoint), Processor.from_pretrained(window_checkpoint)
     batch = processor(random_images(3), PREFIXES, SUFFIXES)
-    mask, sliding = model.masks(batch["attention_mask"], batch["token_type_ids"])
+    mask, sliding = model.masks(batch["attention_mask"].bool(), batch["token_type_ids"].cumsum(-1))
     assert batch["input_ids"].shape[1] > model.config.text_config.sliding_window
     assert (mask & ~sliding).any() and not (sliding & ~mask).any()
     assert [layer.sliding for layer in model.language_model.layers] == [True, False, True, False]
@@ -33,7 +34,8 @@ def test_real_widths(workdir, tokenizer_model, sp_size):
         sp_size,
         text=dict(model_type="gemma2", hidden_size=2304, intermediate_size=9216, num_hidden_layers=2,
                   num_attention_heads=8, num_key_value_heads=4, head_dim=256),
-        vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=1, num_attention_heads=16, image_size=224),
+        vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=1, num_attention_heads=16,
+                    image_size=224),
         vocab_size=257216)
     folder = make_checkpoint(workdir / "real-widths-2", tokenizer_model, config)
     compare(folder, PREFIXES[1:3], SUFFIXES[1:3], label="PaliGemma 2 real widths")
@@ -44,7 +46,8 @@ def test_official_layout_loads(window_checkpoint, tmp_path):
     batch = Processor.from_pretrained(official)(random_images(2), PREFIXES[:2])
     inputs = {k: batch[k] for k in ("input_ids", "pixel_values", "attention_mask", "token_type_ids")}
     with torch.no_grad():
-        assert torch.equal(PaliGemma.from_pretrained(official)(**inputs), PaliGemma.from_pretrained(window_checkpoint)(**inputs))
+        assert torch.equal(PaliGemma.from_pretrained(official)(**inputs),
+                           PaliGemma.from_pretrained(window_checkpoint)(**inputs))
 
 
 def test_gemma1_weights_under_a_gemma2_config_are_refused(mqa_checkpoint, tmp_path):
@@ -52,7 +55,8 @@ def test_gemma1_weights_under_a_gemma2_config_are_refused(mqa_checkpoint, tmp_pa
     config = json.loads((tmp_path / "c" / "config.json").read_text())
     config["text_config"]["model_type"] = "gemma2"
     (tmp_path / "c" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"missing tensors: .*language_model\.layers\.0\.post_feedforward_layernorm\.weight"):
+    expected = r"missing tensors: .*language_model\.layers\.0\.post_feedforward_layernorm\.weight"
+    with pytest.raises(ValueError, match=expected):
         PaliGemma.from_pretrained(tmp_path / "c")
 
 

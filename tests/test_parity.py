@@ -1,43 +1,10 @@
 """Our logits equal transformers' PaliGemma on the same weights and inputs (float32)."""
 
-import numpy as np
 import torch
-from PIL import Image
 
-from conftest import hf_config, hf_model, make_checkpoint
-from paligemma import PaliGemma, Processor
-
-TOL = 1e-4  # the issue's bound; the measured differences are printed (pytest -s)
-
-
-def random_images(n: int, seed: int = 0) -> list[Image.Image]:
-    rng = np.random.default_rng(seed)
-    sizes = [(37, 53), (64, 20), (100, 100), (13, 77)]
-    return [Image.fromarray(rng.integers(0, 256, (*sizes[i % 4], 3), dtype=np.uint8)) for i in range(n)]
-
-
-def max_diff_on_tokens(ours: torch.Tensor, theirs: torch.Tensor, attention_mask: torch.Tensor) -> float:
-    """Max |difference| over the real (non-padding) positions; padding positions are never read."""
-    keep = attention_mask.bool()
-    return (ours[keep] - theirs[keep]).abs().max().item()
-
-
-def compare(folder, prefixes, suffixes=None, label=""):
-    ours, theirs = PaliGemma.from_pretrained(folder), hf_model(folder)
-    batch = Processor.from_pretrained(folder)(random_images(len(prefixes)), prefixes, suffixes)
-    inputs = {k: batch[k] for k in ("input_ids", "pixel_values", "attention_mask", "token_type_ids")}
-    with torch.no_grad():
-        a = ours(**inputs)
-        b = theirs(**inputs, labels=batch.get("labels")).logits
-    assert a.shape == b.shape
-    diff = max_diff_on_tokens(a, b, batch["attention_mask"])
-    print(f"{label} {folder.name}: max |logit difference| {diff:.2e}")
-    assert diff <= TOL
-    return diff
-
-
-PREFIXES = ["caption en", "answer en how many circles are there?", "detect square"]
-SUFFIXES = ["a red circle", "2", "<loc0100><loc0200><loc0300><loc0400> square"]
+from conftest import PREFIXES, SUFFIXES, compare, hf_config, make_checkpoint, random_images
+from paligemma import PaliGemma
+from processor import Processor
 
 
 def test_single_example(checkpoint):
@@ -71,7 +38,8 @@ def test_real_widths(workdir, tokenizer_model, sp_size):
         sp_size,
         text=dict(hidden_size=2048, intermediate_size=16384, num_hidden_layers=1, num_attention_heads=8,
                   num_key_value_heads=1, head_dim=256),
-        vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=1, num_attention_heads=16, image_size=224),
+        vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=1, num_attention_heads=16,
+                    image_size=224),
         vocab_size=257216)
     folder = make_checkpoint(workdir / "real-widths", tokenizer_model, config)
     compare(folder, PREFIXES[1:3], SUFFIXES[1:3], label="real widths")

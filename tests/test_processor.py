@@ -6,10 +6,11 @@ import torch
 from PIL import Image
 
 from conftest import hf_processor
-from paligemma import Processor, Tokenizer
+from processor import Processor, Tokenizer
 
 PREFIXES = ["caption en", "answer en how many circles are there?", "detect circle ; square", "ocr"]
-SUFFIXES = ["a red circle on grey", "2", "<loc0010><loc0020><loc0300><loc1023> circle ; <loc0000><loc0001><loc0002><loc0003> square", "Where is 42?"]
+SUFFIXES = ["a red circle on grey", "2",
+            "<loc0010><loc0020><loc0300><loc1023> circle ; <loc0000><loc0001><loc0002><loc0003> square", "Where is 42?"]
 
 
 def odd_images() -> list[Image.Image]:
@@ -40,9 +41,11 @@ def test_layout(mqa_checkpoint):
     tok, n = processor.tokenizer, processor.num_image_tokens
     batch = processor(odd_images()[:2], ["caption en", "answer en how many circles are there?"], ["a", "2"])
     row = batch["input_ids"][1].tolist()  # the longer prompt: no padding
-    expected = [tok.image_token_id] * n + [tok.bos_id] + tok.encode("answer en how many circles are there?\n") + tok.encode("2") + [tok.eos_id]
+    expected = [tok.image_token_id] * n + [tok.bos_id] + tok.encode("answer en how many circles are there?\n") \
+        + tok.encode("2") + [tok.eos_id]
     assert row == expected
-    assert batch["labels"][1].tolist() == [-100] * (len(row) - len(tok.encode("2")) - 1) + tok.encode("2") + [tok.eos_id]
+    n_prefix = len(row) - len(tok.encode("2")) - 1
+    assert batch["labels"][1].tolist() == [-100] * n_prefix + tok.encode("2") + [tok.eos_id]
     pad = int((batch["attention_mask"][0] == 0).sum())
     assert pad > 0 and batch["input_ids"][0, :pad].eq(tok.pad_id).all()  # padded on the left
     assert batch["pixel_values"].min() >= -1 and batch["pixel_values"].max() <= 1
@@ -52,7 +55,8 @@ def test_tokenizer_special_tokens(mqa_checkpoint):
     tok = Processor.from_pretrained(mqa_checkpoint).tokenizer
     text = "<loc0000><loc1023><seg000><seg127> a red circle ; <loc0005> square"
     ids = tok.encode(text)
-    assert tok.sp.piece_to_id("<loc1023>") in ids and len([i for i in ids if tok.SPECIAL.fullmatch(tok.sp.id_to_piece(i))]) == 5
+    assert tok.sp.piece_to_id("<loc1023>") in ids
+    assert len([i for i in ids if tok.SPECIAL.fullmatch(tok.sp.id_to_piece(i))]) == 5
     assert tok.decode([tok.bos_id] + ids + [tok.eos_id, tok.image_token_id, tok.sp.get_piece_size() + 7]) == text
 
 

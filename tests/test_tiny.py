@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from conftest import hf_model
-from paligemma import PaliGemma, Processor
-from test_parity import random_images
+from conftest import hf_model, random_images
+from paligemma import PaliGemma
+from processor import Processor
 from tiny import shapes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,7 +23,8 @@ def test_generator_is_deterministic(tmp_path):
     assert len(files) == 2 + 16
     assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
     shapes.main(["--out", str(tmp_path / "c"), "--train", "12", "--valid", "4", "--seed", "4"])
-    assert (tmp_path / "c" / "_annotations.train.jsonl").read_text() != (tmp_path / "a" / "_annotations.train.jsonl").read_text()
+    name = "_annotations.train.jsonl"
+    assert (tmp_path / "c" / name).read_text() != (tmp_path / "a" / name).read_text()
 
 
 def test_every_drawn_pixel_lies_in_its_box():
@@ -37,9 +38,10 @@ def test_every_drawn_pixel_lies_in_its_box():
 
 
 def test_detect_suffix_parses_back_to_the_boxes():
-    from paligemma import parse_detections
+    from processor import parse_detections
 
-    scene = [dict(shape="circle", colour="red", box=(10, 20, 40, 50)), dict(shape="square", colour="blue", box=(60, 5, 90, 35))]
+    scene = [dict(shape="circle", colour="red", box=(10, 20, 40, 50)),
+             dict(shape="square", colour="blue", box=(60, 5, 90, 35))]
     prefix, suffix = shapes.ask(scene, "detect", np.random.default_rng(1))
     found = parse_detections(suffix, shapes.SIZE, shapes.SIZE)
     expected = [s for s in sorted(scene, key=lambda s: s["box"][1]) if s["shape"] in prefix]
@@ -68,7 +70,8 @@ def test_quick_start_end_to_end(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "exact_match" in r.stdout and "mean_iou" in r.stdout and (out / "model.safetensors").exists()
     png = tmp_path / "boxes.png"
-    r = subprocess.run([sys.executable, ROOT / "infer.py", "--model", out, "--image", data / "images" / "valid-00000.jpg",
-                        "--prompt", shapes.ALL_SHAPES_PROMPT, "--out", png], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, ROOT / "infer.py", "--model", out, "--image",
+                        data / "images" / "valid-00000.jpg", "--prompt", shapes.ALL_SHAPES_PROMPT, "--out", png],
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "<loc" in r.stdout and png.exists(), r.stdout + r.stderr

@@ -3,6 +3,7 @@
 import functools
 import json
 import math
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 import train
-from conftest import hf_model, hf_processor, make_dataset
-from paligemma import PaliGemma, Processor
-from test_parity import random_images
+from conftest import hf_model, hf_processor, make_dataset, random_images
+from paligemma import PaliGemma
+from processor import Processor, count_targets, load_image
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,9 +46,8 @@ def test_loss_equals_transformers_and_target_only_logits(mqa_checkpoint):
     assert torch.equal(ours["labels"], batch["labels"])
     model = PaliGemma.from_pretrained(mqa_checkpoint)
     inputs = {k: batch[k] for k in ("input_ids", "pixel_values", "attention_mask", "token_type_ids", "labels")}
-    n_targets = (batch["labels"][:, 1:] != -100).sum()
     with torch.no_grad():
-        loss = train.SuffixLoss(model)(**inputs) / n_targets
+        loss = train.SuffixLossSum(model)(**inputs) / count_targets(batch["labels"])
         theirs = hf_model(mqa_checkpoint)(**inputs).loss
         logits = model(*(inputs[k] for k in ("input_ids", "pixel_values", "attention_mask", "token_type_ids")))
         full = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100)
@@ -57,7 +57,8 @@ def test_loss_equals_transformers_and_target_only_logits(mqa_checkpoint):
 
 def test_tiny_model_overfits(run_train, tmp_path):
     handful = make_dataset(tmp_path, 4, "handful.jsonl")
-    out = run_train(tmp_path / "o", "--steps", "50", "--lr", "1e-2", "--trainable", "all", "--eval-every", "0", data=handful)
+    out = run_train(tmp_path / "o", "--steps", "50", "--lr", "1e-2", "--trainable", "all", "--eval-every", "0",
+                    data=handful)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [m["loss"] for m in metrics if "loss" in m]
     print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f}; final eval {metrics[-1]}")
@@ -80,9 +81,11 @@ def test_resume_equals_uninterrupted(run_train, tmp_path, monkeypatch):
 
     def log_then_interrupt(*args, **kwargs):  # as if Ctrl-C came during step 3
         if str(args[0]).startswith("step 3/"):
-            train.STOP.append(True)
+            train.STOP.append(signal.SIGINT)
     monkeypatch.setattr(train, "log", log_then_interrupt)
-    run_train(tmp_path / "resumed", "--steps", "6", "--lr", "1e-2", "--eval-every", "0")
+    with pytest.raises(SystemExit) as e:
+        run_train(tmp_path / "resumed", "--steps", "6", "--lr", "1e-2", "--eval-every", "0")
+    assert e.value.code == 130  # stopped, not finished
     assert torch.load(tmp_path / "resumed" / "train_state.pt")["step"] == 3
     train.STOP.clear()
     run_train(tmp_path / "resumed", "--steps", "6", "--lr", "1e-2", "--eval-every", "0", "--resume")
@@ -117,8 +120,8 @@ def test_bad_lines_are_reported_with_file_and_line(run_train, data, tmp_path, ca
     assert e.value.code == 2
     assert f"{bad}:5: not valid JSON" in err
     assert f"{bad}:6: missing or not a string: suffix" in err
-    assert f"{bad}:7: image {tmp_path / 'missing.png'} does not exist" in err
-    assert f"{bad}:8: image {tmp_path / 'broken.png'} cannot be decoded" in err
+    assert f"{bad}:7: image {tmp_path / 'missing.png'}: no such image file" in err
+    assert f"{bad}:8: image {tmp_path / 'broken.png'}: cannot be decoded" in err
     assert "4 bad line(s)" in err
     run_train(tmp_path / "o", "--steps", "1", "--skip-bad", data=bad)
     assert "skipped 4 bad line(s)" in capsys.readouterr().out
@@ -126,8 +129,8 @@ def test_bad_lines_are_reported_with_file_and_line(run_train, data, tmp_path, ca
 
 def test_torchrun_two_processes_equal_one(mqa_checkpoint, data, tmp_path):
     # SGD: Adam would amplify the last-bit differences of summing the batch in another order
-    common = ["--data", data, "--model", mqa_checkpoint, "--steps", "3", "--optimizer", "sgd", "--lr", "0.5", "--device", "cpu",
-              "--eval-every", "0"]
+    common = ["--data", data, "--model", mqa_checkpoint, "--steps", "3", "--optimizer", "sgd", "--lr", "0.5",
+              "--device", "cpu", "--eval-every", "0"]
     one = [sys.executable, ROOT / "train.py", *common, "--batch-size", "4", "--out", tmp_path / "one"]
     two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", ROOT / "train.py", *common,
            "--batch-size", "2", "--out", tmp_path / "two"]
@@ -136,7 +139,8 @@ def test_torchrun_two_processes_equal_one(mqa_checkpoint, data, tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
     assert "2 processes" in r.stdout and r.stdout.count("step 3/3") == 1  # only rank 0 logs
     a, b = state(tmp_path / "one"), state(tmp_path / "two")
-    assert not torch.equal(a["language_model.layers.0.self_attn.q_proj.weight"], state(mqa_checkpoint)["language_model.layers.0.self_attn.q_proj.weight"])
+    q = "language_model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(a[q], state(mqa_checkpoint)[q])
     assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
 
 
@@ -146,19 +150,20 @@ def test_evaluation_answers_the_prompt_alone(mqa_checkpoint, data, monkeypatch):
     examples = train.read_jsonl(data.parent / "valid.jsonl", skip_bad=False)[:4]
     seen = []
     generate = model.generate
-    monkeypatch.setattr(model, "generate", lambda input_ids, *a, **k: seen.append(input_ids) or generate(input_ids, *a, **k))
+    monkeypatch.setattr(model, "generate",
+                        lambda input_ids, *a, **k: seen.append(input_ids) or generate(input_ids, *a, **k))
 
-    class Args:
-        batch_size, max_len = 4, 16
-    metrics, shown = train.evaluate(model, processor, examples, Args, torch.device("cpu"), torch.autocast("cpu", enabled=False))
-    prompts = processor(train.load_images(examples), [e["prefix"] for e in examples])
+    metrics, shown = train.evaluate(model, processor, examples, batch_size=4, max_len=16, device=torch.device("cpu"),
+                                    autocast=torch.autocast("cpu", enabled=False))
+    prompts = processor([load_image(e["image"]) for e in examples], [e["prefix"] for e in examples])
     assert len(seen) == 1 and torch.equal(seen[0], prompts["input_ids"])
     assert set(metrics) == {"val_loss", "exact_match", "mean_iou"} and len(shown) == 3
 
 
 def test_default_validation_file(tmp_path):
     for train_name, val_name in (("_annotations.train.jsonl", "_annotations.valid.jsonl"),
-                                 ("train.jsonl", "valid.jsonl"), ("train/annotations.jsonl", "valid/annotations.jsonl")):
+                                 ("train.jsonl", "valid.jsonl"),
+                                 ("train/annotations.jsonl", "valid/annotations.jsonl")):
         folder = tmp_path / train_name.replace("/", "_")
         for name in (train_name, val_name):
             (folder / name).parent.mkdir(parents=True, exist_ok=True)

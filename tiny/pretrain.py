@@ -55,8 +55,9 @@ def hf_config(vocab_size: int, image_token_index: int) -> dict:
         "image_token_index": image_token_index, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2,
         "text_config": dict(model_type="gemma", vocab_size=vocab_size, num_image_tokens=n_image, rms_norm_eps=1e-6,
                             hidden_activation="gelu_pytorch_tanh", max_position_embeddings=8192, **TEXT),
-        "vision_config": dict(model_type="siglip_vision_model", projection_dim=TEXT["hidden_size"], vision_use_head=False,
-                              num_image_tokens=n_image, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh", **VISION),
+        "vision_config": dict(model_type="siglip_vision_model", projection_dim=TEXT["hidden_size"],
+                              vision_use_head=False, num_image_tokens=n_image, layer_norm_eps=1e-6,
+                              hidden_act="gelu_pytorch_tanh", **VISION),
     }
 
 
@@ -92,10 +93,11 @@ def main(argv=None):
     shapes.main(["--out", str(data), "--tasks", ",".join(PRETRAIN_TASKS), "--train", str(args.examples),
                  "--valid", "200", "--seed", str(args.seed)])
     records = [json.loads(line) for line in (data / "_annotations.train.jsonl").read_text().splitlines()]
-    tokenizer = train_tokenizer([r["prefix"] + "\n" for r in records] + [r["suffix"] for r in records], args.work / "tokenizer")
+    texts = [r["prefix"] + "\n" for r in records] + [r["suffix"] for r in records]
+    tokenizer = train_tokenizer(texts, args.work / "tokenizer")
     init = random_checkpoint(args.work / "init", tokenizer, args.seed)
     run = args.work / "run"
-    train.main(["--data", str(data / "_annotations.train.jsonl"), "--model", str(init), "--out", str(run),
+    train.main(["--data", str(data / "_annotations.train.jsonl"), "--model", str(init), "--out", str(run), "--overwrite",
                 "--trainable", "all", "--steps", str(args.steps), "--batch-size", "32", "--lr", "5e-4",
                 "--warmup", "0.05", "--weight-decay", "0.01", "--max-len", "64", "--device", "cpu", "--dtype", "float32",
                 "--eval-every", str(args.steps // 4), "--save-every", "500", "--log-every", "100", "--seed", str(args.seed)])

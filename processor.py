@@ -1,0 +1,211 @@
+r"""What goes into PaliGemma and what comes out: images, prompts and answers.
+
+    image file --load_image--> PIL image --Processor--> pixel_values (B, 3, S, S) in [-1, 1]
+    prefix, suffix --Tokenizer--> input_ids, attention_mask, token_type_ids, labels (B, T)
+    new token ids --Tokenizer.decode--> "<loc0123><loc0045><loc0400><loc0321> cat" --parse_detections--> boxes
+
+The layout of a prompt is the checkpoints' (and transformers' PaliGemmaProcessor's):
+
+    <image> x N   <bos>  prefix "\n"   [suffix <eos>]     (left-padded with <pad> to the batch's longest)
+    token_type_ids: 0 ...................  1 ...........
+    labels:      -100 ...................  suffix ids, eos  (only when suffixes are given)
+
+What it is not: the model (paligemma.py). It needs sentencepiece, PIL and numpy besides torch.
+"""
+
+import errno
+import re
+from pathlib import Path
+
+import numpy as np
+import sentencepiece
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from paligemma import PaliGemmaConfig, resolve_checkpoint
+
+# PaliGemma's own tokens: 1024 box coordinates and 128 mask codes. Others (<loc1024>, <seg128>) are text.
+LOC = r"<loc(?:0\d{3}|10[01]\d|102[0-3])>"  # <loc0000> .. <loc1023>
+SEG = r"<seg(?:0\d\d|1[01]\d|12[0-7])>"  # <seg000> .. <seg127>
+
+
+def load_image(path) -> Image.Image:
+    """An image file, decoded; a file that cannot be used is a ValueError that names it and says why."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            raise ValueError(f"{path}: is a directory, not an image file")
+        if path.stat().st_size == 0:
+            raise ValueError(f"{path}: is an empty file")
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such image file") from None
+    except PermissionError:
+        raise ValueError(f"{path}: permission denied") from None
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{path}: too large to decode safely ({e})") from None
+    except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:
+            raise ValueError(f"{str(path)[:60]}...: file name too long for this system") from None
+        raise ValueError(f"{path}: cannot be decoded as an image ({e})") from None
+    except (UnidentifiedImageError, SyntaxError, ValueError, EOFError) as e:  # PIL's decoders raise these too
+        raise ValueError(f"{path}: cannot be decoded as an image ({e})") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB: transparency over white; 16-bit and 32-bit images scaled to 8 bits.
+
+    PIL's own conversion (and so transformers' processor) clips 16-bit and 32-bit pixels to 0..255,
+    which makes most such images all white or all black. Here 16-bit ones (I;16) are divided by 257
+    (0..65535 -> 0..255), and 32-bit integer (I) and float (F) ones, which have no fixed range, are
+    scaled from their own minimum and maximum.
+    """
+    if not isinstance(image, Image.Image):
+        hint = ": open files with processor.load_image (or PIL.Image.open)" if isinstance(image, (str, Path)) else ""
+        raise TypeError(f"expected a PIL image, got {type(image).__name__}{hint}")
+    if image.mode.startswith("I;16"):
+        image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().astype(np.uint8))
+    elif image.mode in ("I", "F"):
+        a = np.asarray(image, dtype=np.float64)
+        low, high = a.min(), a.max()
+        scaled = (a - low) / (high - low) * 255 if high > low else np.zeros_like(a)
+        image = Image.fromarray(scaled.round().astype(np.uint8))
+    if "A" in image.getbands() or "transparency" in image.info:
+        image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image.convert("RGBA"))
+    return image.convert("RGB")
+
+
+class Tokenizer:
+    """Gemma's SentencePiece model, plus the tokens PaliGemma adds.
+
+    `<loc0000>`..`<loc1023>` (box coordinates) and `<seg000>`..`<seg127>` (mask codes) are pieces of the
+    SentencePiece model; they are split out of the text before SentencePiece sees the rest, so that they
+    always become one token each. `<image>` is not a piece: its id comes from the model's config.
+    """
+
+    SPECIAL = re.compile(f"({LOC}|{SEG})")
+
+    def __init__(self, model_file, image_token_id: int):
+        try:
+            self.sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+        except (RuntimeError, OSError) as e:
+            raise ValueError(f"{model_file}: not a readable SentencePiece model ({str(e).strip()})") from None
+        self.image_token_id = image_token_id
+        self.pad_id, self.bos_id, self.eos_id = self.sp.pad_id(), self.sp.bos_id(), self.sp.eos_id()
+        for piece in ("<loc0000>", "<loc1023>", "<seg000>", "<seg127>"):
+            if self.sp.piece_to_id(piece) == self.sp.unk_id():
+                raise ValueError(f"{model_file} is not a PaliGemma tokenizer: it has no {piece} piece")
+
+    def encode(self, text: str) -> list[int]:
+        ids = []
+        for i, part in enumerate(self.SPECIAL.split(text)):  # odd parts are <loc>/<seg> tokens
+            ids += [self.sp.piece_to_id(part)] if i % 2 else self.sp.encode(part)
+        return ids
+
+    def decode(self, ids) -> str:
+        """Text of the ids, without <pad>, <bos>, <eos>, <image> and ids past the vocabulary (the embedding
+        has spare rows); <loc>/<seg> tokens are kept as text."""
+        skip = {self.pad_id, self.bos_id, self.eos_id}
+        pieces = [self.sp.id_to_piece(i) for i in ids if i not in skip and 0 <= i < self.sp.get_piece_size()]
+        text, run = "", []
+        for piece in pieces:
+            if self.SPECIAL.fullmatch(piece):
+                text, run = text + self.sp.decode_pieces(run) + piece, []
+            else:
+                run.append(piece)
+        return text + self.sp.decode_pieces(run)
+
+
+class Processor:
+    """Images and prompts to model inputs, laid out as the checkpoints were trained (see the module
+    docstring). Images are converted to RGB (`to_rgb`), resized to the model's square resolution with
+    bicubic resampling, and scaled to [-1, 1]."""
+
+    def __init__(self, tokenizer: Tokenizer, image_size: int, num_image_tokens: int):
+        self.tokenizer = tokenizer
+        self.image_size = image_size
+        self.num_image_tokens = num_image_tokens
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir) -> "Processor":
+        folder = resolve_checkpoint(name_or_dir, ["config.json", "tokenizer.model"])
+        if not (folder / "tokenizer.model").is_file():
+            raise FileNotFoundError(f"{folder} has no tokenizer.model (the SentencePiece model)")
+        config = PaliGemmaConfig.from_json(folder / "config.json")
+        tokenizer = Tokenizer(folder / "tokenizer.model", config.image_token_index)
+        return cls(tokenizer, config.vision_config.image_size, config.vision_config.num_patches)
+
+    def preprocess_image(self, image: Image.Image) -> torch.Tensor:
+        """A PIL image of any size and mode -> (3, S, S) float32 in [-1, 1]."""
+        image = to_rgb(image).resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)  # (S, S, 3) in [0, 1]
+        return ((x - 0.5) / 0.5).permute(2, 0, 1)
+
+    def text_tokens(self, prefix: str, suffix: str | None = None) -> tuple[list[int], list[int]]:
+        """One example's text, <bos> prefix "\\n" [suffix <eos>], as (ids, token types)."""
+        tok = self.tokenizer
+        ids = [tok.bos_id] + tok.encode(prefix + "\n")
+        types = [0] * len(ids)
+        if suffix is not None:
+            suffix_ids = tok.encode(suffix) + [tok.eos_id]
+            ids, types = ids + suffix_ids, types + [1] * len(suffix_ids)
+        return ids, types
+
+    def __call__(self, images, prefixes, suffixes=None, max_len: int | None = None) -> dict[str, torch.Tensor]:
+        """One image per prompt. Returns input_ids, attention_mask, token_type_ids (B, T),
+        pixel_values (B, 3, S, S), and labels (B, T) when suffixes are given. With `max_len`, text tokens
+        past max_len are cut (the end of the suffix goes first); the image tokens are not counted."""
+        if len(images) != len(prefixes) or (suffixes is not None and len(suffixes) != len(prefixes)):
+            raise ValueError(f"got {len(images)} images, {len(prefixes)} prefixes"
+                             + ("" if suffixes is None else f" and {len(suffixes)} suffixes")
+                             + ": one of each per example")
+        image_ids = [self.tokenizer.image_token_id] * self.num_image_tokens
+        rows = []  # (ids, token types)
+        for i, prefix in enumerate(prefixes):
+            ids, types = self.text_tokens(prefix, None if suffixes is None else suffixes[i])
+            rows.append((image_ids + ids[:max_len], [0] * len(image_ids) + types[:max_len]))
+        T = max(len(ids) for ids, _ in rows)
+        input_ids = torch.full((len(rows), T), self.tokenizer.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), T), dtype=torch.long)
+        token_type_ids = torch.zeros((len(rows), T), dtype=torch.long)
+        for i, (ids, types) in enumerate(rows):  # left padding: the real tokens end at T
+            input_ids[i, T - len(ids):] = torch.tensor(ids)
+            attention_mask[i, T - len(ids):] = 1
+            token_type_ids[i, T - len(ids):] = torch.tensor(types)
+        batch = dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                     pixel_values=torch.stack([self.preprocess_image(im) for im in images]))
+        if suffixes is not None:
+            batch["labels"] = input_ids.masked_fill(token_type_ids == 0, -100)
+        return batch
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode([int(i) for i in ids])
+
+
+def count_targets(labels: torch.Tensor) -> torch.Tensor:
+    """The number of tokens a batch's loss is taken over: the suffix and <eos> tokens, i.e. the labels
+    other than -100 after the shift by one (position t predicts token t + 1)."""
+    return (labels[:, 1:] != -100).sum()
+
+
+# ----------------------------------------------------------------------------------------------
+# Answers
+
+DETECTION = re.compile(f"({LOC})({LOC})({LOC})({LOC})(?:{SEG})*([^;<]*)")
+
+
+def parse_detections(text: str, width: int, height: int) -> list[tuple[tuple[float, float, float, float], str]]:
+    """`<locY1><locX1><locY2><locX2> label ; ...` -> [((x1, y1, x2, y2) in pixels, label)].
+
+    Coordinates are in 1024ths of the image's height (y) and width (x), y first, so boxes lie inside
+    the image. Whatever cannot be read as four loc tokens and a label is skipped; segmentation tokens
+    after a box are ignored.
+    """
+    detections = []
+    for m in DETECTION.finditer(text):
+        y1, x1, y2, x2 = (int(v[4:8]) / 1024 for v in m.groups()[:4])
+        if y2 > y1 and x2 > x1:
+            detections.append(((x1 * width, y1 * height, x2 * width, y2 * height), m.group(5).strip()))
+    return detections
