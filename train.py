@@ -341,6 +341,7 @@ def save_checkpoint(out: Path, source: Path, model: PaliGemma, optimizer, scaler
     """An official-layout checkpoint (weights, config.json, tokenizer files) plus the train state of
     `step`, crash-consistent (see above). A failed write (a full disk) stops the run with the previous
     checkpoint intact."""
+    step_written = False
     try:
         if source.resolve() != out.resolve():  # tokenizer.model and the other tokenizer/processor files
             for f in source.iterdir():
@@ -356,9 +357,12 @@ def save_checkpoint(out: Path, source: Path, model: PaliGemma, optimizer, scaler
         write_atomically(out / NEXT_STATE, lambda tmp: torch.save(train_state, tmp))
         write_atomically(out / "model.safetensors", lambda tmp: write_safetensors(
             tmp, official_state_dict(model), {"format": "pt", "step": str(step)}))
+        step_written = True  # from here on, NEXT_STATE is the train state of the weights
         os.replace(out / NEXT_STATE, out / "train_state.pt")
         fsync_folder(out)
     except OSError as e:
+        if not step_written:
+            (out / NEXT_STATE).unlink(missing_ok=True)
         fail(f"cannot save the checkpoint of step {step} in {out} ({e.strerror or e}); "
              "the checkpoint it held before, if any, is intact")
     log(f"saved {out} at step {step}")

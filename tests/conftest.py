@@ -231,19 +231,39 @@ def data(tmp_path_factory) -> Path:
     return make_dataset(folder, 16, "train.jsonl")
 
 
+@pytest.fixture(autouse=True)
+def restore_signals():
+    """train.main installs SIGINT / SIGTERM handlers in the process that runs it: undone after each test."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+    if "train" in sys.modules:
+        sys.modules["train"].STOP.clear()
+
+
 @pytest.fixture
 def run_train(mqa_checkpoint, data):
-    """train.main in this process, with its signal handlers undone afterwards."""
+    """train.main in this process, on the mqa checkpoint and the small dataset."""
     import train
-
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def run(out, *extra, model=mqa_checkpoint, data=data):
         train.main(["--data", str(data), "--model", str(model), "--out", str(out), "--batch-size", "4",
                     "--log-every", "1", "--seed", "0", *map(str, extra)])
         return out
 
-    yield run
-    for sig, handler in handlers.items():
+    return run
+
+
+@pytest.fixture(scope="session")
+def trained(mqa_checkpoint, data, tmp_path_factory) -> Path:
+    """A checkpoint written by train.py at step 2 (saved at steps 1 and 2), to resume from."""
+    import train
+
+    out = tmp_path_factory.mktemp("trained") / "o"
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    train.main(["--data", str(data), "--model", str(mqa_checkpoint), "--out", str(out), "--steps", "2",
+                "--batch-size", "4", "--save-every", "1", "--eval-every", "0", "--lr", "1e-3"])
+    for sig, handler in handlers.items():  # a session fixture runs outside restore_signals
         signal.signal(sig, handler)
-    train.STOP.clear()
+    return out
