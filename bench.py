@@ -19,15 +19,18 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import peft
 import torch
 import transformers
 
-from paligemma import PaliGemma
+from lora import ATTENTION, add_lora
+from paligemma import PaliGemma, PaliGemmaConfig
 from processor import count_targets
 from train import TRAINABLE, SuffixLossSum
 
 REAL_TEXT = dict(hidden_size=2048, intermediate_size=16384, num_attention_heads=8, num_key_value_heads=1, head_dim=256)
 REAL_VISION = dict(hidden_size=1152, intermediate_size=4304, num_attention_heads=16, patch_size=14, image_size=224)
+LORA_TARGETS = rf".*language_model.*\.({'|'.join(ATTENTION)})"  # peft's: the decoder's q/k/v/o, not SigLIP's
 PRESETS = {  # (text config, vision config, vocabulary)
     "tiny": (dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=1, head_dim=64),
@@ -99,17 +102,22 @@ def generate(side, model, batch, new_tokens, compiled=False):
     return model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
 
 
-def trainer(side, model, dtype, device):
-    """An attention-only training step (forward, backward, AdamW) for either model, set up alike:
-    the decoder's q/k/v/o in float32 and trainable, everything else frozen, autocast to `dtype`."""
-    if side == "ours":
-        learns, loss_model = TRAINABLE["attn"], SuffixLossSum(model)
+def trainer(side, model, dtype, device, mode="attn"):
+    """A training step (forward, backward, AdamW) for either model, set up alike. attn: the decoder's
+    q/k/v/o in float32 and trainable, everything else frozen; lora: rank-8 adapters on q/k/v/o (ours, or
+    peft's on transformers'), the base frozen. Autocast to `dtype`."""
+    if mode == "lora" and side == "ours":
+        add_lora(model, rank=8, alpha=16)
+    elif mode == "lora":
+        model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=LORA_TARGETS))
     else:
-        learns = lambda name: ".language_model.layers." in name and ".self_attn." in name  # noqa: E731
-    for name, p in model.named_parameters():
-        p.requires_grad_(learns(name))
-        if p.requires_grad:
-            p.data = p.data.float()
+        learns = TRAINABLE["attn"] if side == "ours" else \
+            lambda name: ".language_model.layers." in name and ".self_attn." in name
+        for name, p in model.named_parameters():
+            p.requires_grad_(learns(name))
+            if p.requires_grad:
+                p.data = p.data.float()
+    loss_model = SuffixLossSum(model) if side == "ours" else model
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
@@ -120,17 +128,17 @@ def trainer(side, model, dtype, device):
             if side == "ours":
                 loss = loss_model(**batch) / count_targets(batch["labels"])
             else:
-                loss = model(**batch).loss
+                loss = loss_model(**batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return step, sum(p.numel() for p in params)
 
 
-def train_memory(side, folder, dtype, device, batch_size) -> float:
+def train_memory(side, folder, dtype, device, batch_size, mode) -> float:
     """Peak memory (GiB) during two training steps, in a fresh process that has loaded only one side."""
     model = load(side, folder, dtype, device)
-    step, _ = trainer(side, model, dtype, device)
+    step, _ = trainer(side, model, dtype, device, mode)
     batch = make_batch(transformers.PaliGemmaConfig.from_pretrained(folder), batch_size, SUFFIX, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -225,19 +233,23 @@ def main():
                 rows.append(("  decoding steps vs transformers' default", decode[b]["ours"], decode[b]["default"]))
 
         torch.set_grad_enabled(True)
-        steps = {}
-        for s in sides:
-            steps[s], n_trainable = trainer(s, models[s], dtype, device)
         batch = make_batch(config, 8, SUFFIX, device)
-        train_time = alternate({s: lambda s=s: steps[s](batch) for s in sides}, args.repeat, device)
-        rows.append(("attention-only train step, batch 8 (s)", train_time["ours"], train_time["transformers"]))
-        models.clear(), steps.clear()  # free both models before the memory measurements
-        memory = {}
-        for s in sides:
-            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                memory[s] = pool.submit(train_memory, s, folder, dtype, device, 8).result()
         what = "peak GPU memory allocated" if device.type == "cuda" else "peak RSS"
-        rows.append((f"train step, batch 8: {what} (GiB)", memory["ours"], memory["transformers"]))
+        n_trainable, train_time = {}, {}
+        for mode, name in (("attn", "attention-only"), ("lora", "LoRA r=8 q/k/v/o")):
+            steps = {}
+            for s in sides:
+                if s not in models:  # freed after the attention-only row: LoRA starts from the checkpoint again
+                    models[s] = load(s, folder, dtype, device)
+                steps[s], n_trainable[mode] = trainer(s, models[s], dtype, device, mode)
+            t = train_time[mode] = alternate({s: lambda s=s: steps[s](batch) for s in sides}, args.repeat, device)
+            rows.append((f"{name} train step, batch 8 (s)", t["ours"], t["transformers"]))
+            models.clear(), steps.clear()  # free both models before the memory measurements
+            memory = {}
+            for s in sides:
+                with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                    memory[s] = pool.submit(train_memory, s, folder, dtype, device, 8, mode).result()
+            rows.append((f"  its {what} (GiB)", memory["ours"], memory["transformers"]))
 
     print(f"\npreset {preset} ({dtype}, {device}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"transformers {transformers.__version__}); medians of {args.repeat}"
@@ -257,7 +269,13 @@ def main():
           f"-> limit {limit:.1f} tokens/s at batch 1. Decoding steps reach: ours {decode[1]['ours'] / limit:.0%}, "
           f"transformers {decode[1]['transformers'] / limit:.0%}; whole generate calls (with the prefill): "
           f"ours {generated[1]['ours'] / limit:.0%}, transformers {generated[1]['transformers'] / limit:.0%}")
-    print(f"trainable parameters (attention only): {n_trainable:,}")
+    print(f"trainable parameters: attention only {n_trainable['attn']:,}, LoRA {n_trainable['lora']:,}")
+    with torch.device("meta"):  # the whole paligemma-3b-pt-224 (default config), built without memory
+        full = PaliGemma(PaliGemmaConfig())
+    n_base = sum(p.numel() for p in full.parameters())
+    n_lora = sum(full.get_parameter(name).numel() for name in add_lora(full, rank=8, alpha=16))
+    print(f"paligemma-3b-pt-224 with LoRA r=8 on q/k/v/o: {n_lora:,} trainable parameters, adapter file "
+          f"{n_lora * 4 / 2**20:.1f} MiB (float32); the model has {n_base:,}")
     if device.type == "cuda":
         n_image = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
         tokens = 8 * (n_image + PROMPT + SUFFIX)
@@ -265,8 +283,8 @@ def main():
         v = config.vision_config
         vision = v.num_hidden_layers * (4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size)
         # forward everywhere; backward: input gradients through the decoder, weight gradients of attention only
-        flops = 2 * 8 * n_image * vision + 2 * tokens * decoder + 2 * tokens * decoder + 2 * tokens * n_trainable
-        mfu = flops / train_time["ours"] / (args.peak_tflops * 1e12)
+        flops = 2 * 8 * n_image * vision + 2 * tokens * decoder + 2 * tokens * decoder + 2 * tokens * n_trainable["attn"]
+        mfu = flops / train_time["attn"]["ours"] / (args.peak_tflops * 1e12)
         print(f"train step model-FLOPs utilisation (ours, approximate): {mfu:.1%} of {args.peak_tflops:g} TFLOPS")
 
 

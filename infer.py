@@ -2,6 +2,7 @@
 
     python infer.py --model google/paligemma-3b-pt-224 --image cat.jpg --prompt "caption en"
     python infer.py --model out/ --image a.jpg --image b.png --prompt "detect circle" --out boxes.png
+    python infer.py --model lora-out/ --image a.jpg --prompt "caption en"     # an adapter on its base model
 
 Prints one answer per image on stdout (nothing else there), timings on stderr. One prompt serves all
 images, or give one per image. With `--out`, the boxes of a `detect` answer are drawn on the image.
@@ -20,6 +21,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from cli import fail, number
+from lora import load_adapter, read_adapter_config
 from paligemma import PaliGemma, default_dtype, resolve_device
 from processor import Processor, load_image, parse_detections
 
@@ -73,7 +75,9 @@ def save_image(image: Image.Image, path: Path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="google/paligemma-3b-pt-224", help="checkpoint folder or hub id")
+    p.add_argument("--model", default="google/paligemma-3b-pt-224",
+                   help="checkpoint folder or hub id; a folder holding a LoRA adapter loads its base and applies it")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter folder (PEFT's format) to apply to --model")
     p.add_argument("--image", action="append", required=True, help="an image file; repeat for several")
     p.add_argument("--prompt", action="append", required=True, help="e.g. 'caption en'; one for all images or one each")
     p.add_argument("--max-new-tokens", type=number(int, 1), default=64)
@@ -104,11 +108,16 @@ def main(argv=None):
 
     start = time.perf_counter()
     try:
-        model = PaliGemma.from_pretrained(args.model, dtype=dtype, device=device)
-        processor = Processor.from_pretrained(args.model)
+        adapter = args.adapter or (args.model if (Path(args.model) / "adapter_config.json").is_file() else None)
+        base = args.model if args.adapter or not adapter else read_adapter_config(adapter)["base_model_name_or_path"]
+        model = PaliGemma.from_pretrained(base, dtype=dtype, device=device)
+        processor = Processor.from_pretrained(base)
+        if adapter:
+            load_adapter(model, adapter)
     except (OSError, ValueError) as e:
         fail(str(e))
-    print(f"loaded {args.model} ({dtype}, {device}) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    print(f"loaded {base}" + (f" with the adapter {adapter}" if adapter else "")
+          + f" ({dtype}, {device}) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
 
     batch = {k: v.to(device) for k, v in processor(images, prompts).items()}
     start = time.perf_counter()

@@ -49,6 +49,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from cli import fail, number
+from lora import ATTENTION, MLP, add_lora, adapter_config, adapter_state, load_adapter, merge_lora, read_adapter_config
 from paligemma import PaliGemma, default_dtype, official_state_dict, resolve_checkpoint, resolve_device
 from processor import Processor, count_targets, load_image, parse_detections
 
@@ -294,14 +295,17 @@ def evaluate(model: PaliGemma, processor: Processor, examples: list[dict], batch
 # ----------------------------------------------------------------------------------------------
 # Checkpoints
 #
-# --out holds config.json, model.safetensors (its step in the metadata), the tokenizer files and
-# train_state.pt (step, optimizer and loss-scale state). Every file is written to a temporary name,
-# flushed to disk and renamed over the old one, so a file is always whole. The two files of a step
-# are made consistent by the order of the renames: the new train state goes in beside the old one as
+# --out holds config.json, model.safetensors (its step in the metadata) and the tokenizer files, or,
+# with --trainable lora, adapter_config.json and adapter_model.safetensors (the base model is
+# elsewhere), and train_state.pt (step, optimizer and loss-scale state, the options that must not
+# change on --resume). Every file is written to a temporary name, flushed to disk and renamed over
+# the old one, so a file is always whole. The weights and the train state of a step are made
+# consistent by the order of the renames: the new train state goes in beside the old one as
 # train_state.next.pt, then the weights, then the new state takes the old one's name. Killed at any
 # instant, --out holds weights of step N-1 or N, and a train state of the same step.
 
-CHECKPOINT_FILES = ("model.safetensors", "model.safetensors.index.json", "train_state.pt")  # what a checkpoint holds
+WEIGHTS = ("model.safetensors", "adapter_model.safetensors")  # a full checkpoint's, an adapter's
+CHECKPOINT_FILES = (*WEIGHTS, "model.safetensors.index.json", "train_state.pt")  # what an earlier run leaves
 NEXT_STATE = "train_state.next.pt"
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64"}
 
@@ -336,27 +340,36 @@ def write_atomically(path: Path, write):
         tmp.unlink(missing_ok=True)
 
 
-def save_checkpoint(out: Path, source: Path, model: PaliGemma, optimizer, scaler, step: int, trainable: str,
-                    optimizer_name: str, no_final_softcap: bool):
-    """An official-layout checkpoint (weights, config.json, tokenizer files) plus the train state of
-    `step`, crash-consistent (see above). A failed write (a full disk) stops the run with the previous
-    checkpoint intact."""
+def write_config(folder: Path, source: Path, no_final_softcap: bool):
+    """config.json and the tokenizer files of the checkpoint being fine-tuned, into `folder`."""
+    if source.resolve() != folder.resolve():  # tokenizer.model and the other tokenizer/processor files
+        for f in source.iterdir():
+            if f.name == "tokenizer.model" or (f.suffix == ".json" and f.name not in (
+                    "model.safetensors.index.json", "config.json", "adapter_config.json")):
+                write_atomically(folder / f.name, functools.partial(shutil.copyfile, f))
+    config = json.loads((source / "config.json").read_text())
+    if no_final_softcap:  # the fine-tuned model is used without the cap it was trained without
+        config["text_config"]["final_logit_softcapping"] = None
+    write_atomically(folder / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
+
+
+def save_checkpoint(out: Path, source: Path, model: PaliGemma, optimizer, scaler, step: int, options: dict,
+                    no_final_softcap: bool, lora_base: str | None = None):
+    """The weights (an official-layout checkpoint, or with `lora_base` the adapter in PEFT's format) plus
+    the train state of `step`, crash-consistent (see above). A failed write (a full disk) stops the run
+    with the previous checkpoint intact."""
     step_written = False
     try:
-        if source.resolve() != out.resolve():  # tokenizer.model and the other tokenizer/processor files
-            for f in source.iterdir():
-                if f.name == "tokenizer.model" or (f.suffix == ".json" and f.name not in (
-                        "model.safetensors.index.json", "config.json")):
-                    write_atomically(out / f.name, functools.partial(shutil.copyfile, f))
-        config = json.loads((source / "config.json").read_text())
-        if no_final_softcap:  # the fine-tuned model is used without the cap it was trained without
-            config["text_config"]["final_logit_softcapping"] = None
-        write_atomically(out / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
-        train_state = dict(step=step, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                           trainable=trainable, optimizer_name=optimizer_name)
-        write_atomically(out / NEXT_STATE, lambda tmp: torch.save(train_state, tmp))
-        write_atomically(out / "model.safetensors", lambda tmp: write_safetensors(
-            tmp, official_state_dict(model), {"format": "pt", "step": str(step)}))
+        if lora_base is None:
+            write_config(out, source, no_final_softcap)
+            weights_file, weights = out / "model.safetensors", official_state_dict(model)
+        else:
+            config = adapter_config(model, lora_base)
+            write_atomically(out / "adapter_config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
+            weights_file, weights = out / "adapter_model.safetensors", adapter_state(model)
+        state = dict(step=step, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), options=options)
+        write_atomically(out / NEXT_STATE, lambda tmp: torch.save(state, tmp))
+        write_atomically(weights_file, lambda tmp: write_safetensors(tmp, weights, {"format": "pt", "step": str(step)}))
         step_written = True  # from here on, NEXT_STATE is the train state of the weights
         os.replace(out / NEXT_STATE, out / "train_state.pt")
         fsync_folder(out)
@@ -366,6 +379,19 @@ def save_checkpoint(out: Path, source: Path, model: PaliGemma, optimizer, scaler
         fail(f"cannot save the checkpoint of step {step} in {out} ({e.strerror or e}); "
              "the checkpoint it held before, if any, is intact")
     log(f"saved {out} at step {step}")
+
+
+def save_merged(folder: Path, source: Path, model: PaliGemma, no_final_softcap: bool):
+    """The model with its LoRA merged, as an official-layout checkpoint in `folder`, without adapter files:
+    transformers with peft installed would apply an adapter found beside config.json a second time."""
+    try:
+        folder.mkdir(exist_ok=True)
+        write_config(folder, source, no_final_softcap)
+        weights = official_state_dict(merge_lora(model))
+        write_atomically(folder / "model.safetensors", lambda tmp: write_safetensors(tmp, weights, {"format": "pt"}))
+    except OSError as e:
+        fail(f"cannot write the merged model into {folder} ({e.strerror or e}); the adapter is saved")
+    log(f"saved the merged model in {folder}")
 
 
 def fsync_folder(folder: Path):
@@ -378,13 +404,14 @@ def fsync_folder(folder: Path):
 
 
 def read_train_state(out: Path, device) -> dict:
-    """The train state of the step of out/model.safetensors, finishing a save that a kill interrupted."""
+    """The train state of the step of the weights in `out`, finishing a save that a kill interrupted."""
+    weights = out / next((name for name in WEIGHTS if (out / name).is_file()), WEIGHTS[0])
     try:
-        with safe_open(out / "model.safetensors", framework="pt") as f:
+        with safe_open(weights, framework="pt") as f:
             step = int((f.metadata() or {})["step"])
     except (SafetensorError, OSError, KeyError, ValueError) as e:
         what = "has no step in its metadata" if isinstance(e, (KeyError, ValueError)) else f"cannot be read ({e})"
-        fail(f"--resume: {out / 'model.safetensors'} {what}: it was not written by train.py")
+        fail(f"--resume: {weights} {what}: it was not written by train.py")
     for name in ("train_state.pt", NEXT_STATE):
         if not (out / name).is_file():
             continue
@@ -419,7 +446,16 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=Path("out"), help="checkpoint folder to write")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--overwrite", action="store_true", help="replace the checkpoint that --out holds by a new run")
-    p.add_argument("--trainable", choices=sorted(TRAINABLE), default="attn", help="attn: the decoder's q/k/v/o only")
+    p.add_argument("--trainable", choices=[*TRAINABLE, "lora"], default="attn",
+                   help="attn: the decoder's q/k/v/o; llm: the decoder; all; lora: low-rank adapters (--lora-*)")
+    p.add_argument("--lora-rank", type=number(int, 1), default=None, help="LoRA rank r (default 8)")
+    p.add_argument("--lora-alpha", type=number(float, 0, above=True), default=None,
+                   help="LoRA scale alpha; the update is scaled by alpha / r (default 16)")
+    p.add_argument("--lora-targets", type=lora_targets, default=None,
+                   help=f"comma-separated, of {', '.join(ATTENTION + MLP)} (default: {','.join(ATTENTION)})")
+    p.add_argument("--lora-dropout", type=number(float, 0, 0.99), default=None, help="on the adapters' input (default 0)")
+    p.add_argument("--rslora", action="store_true", help="scale by alpha / sqrt(r) (rank-stabilised LoRA)")
+    p.add_argument("--merge", action="store_true", help="LoRA: also write the merged model into OUT/merged/ at the end")
     p.add_argument("--steps", type=number(int, 1), default=None, help="optimizer steps (default: --epochs)")
     p.add_argument("--epochs", type=number(float, 0, above=True), default=1.0)
     p.add_argument("--batch-size", type=number(int, 1), default=8, help="examples per micro-batch and process")
@@ -447,7 +483,26 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=number(int, 0), default=0, help="evaluate every N steps (0: only at the end)")
     p.add_argument("--eval-examples", type=number(int, 0), default=100, help="validation examples to evaluate")
     p.add_argument("--save-every", type=number(int, 0), default=0, help="save every N steps (0: only at the end)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    lora_options = {"--lora-rank": args.lora_rank, "--lora-alpha": args.lora_alpha, "--lora-targets": args.lora_targets,
+                    "--lora-dropout": args.lora_dropout, "--rslora": args.rslora or None, "--merge": args.merge or None}
+    if args.trainable != "lora" and (given := [k for k, v in lora_options.items() if v is not None]):
+        p.error(f"{', '.join(given)} only with --trainable lora")
+    if args.trainable == "lora" and args.no_final_softcap and not args.merge:
+        p.error("--no-final-softcap with --trainable lora needs --merge: the adapter alone is served on the base "
+                "model's config, which has the soft-cap")
+    if args.trainable == "lora":
+        args.lora_rank, args.lora_alpha = args.lora_rank or 8, args.lora_alpha or 16.0
+        args.lora_targets, args.lora_dropout = args.lora_targets or ATTENTION, args.lora_dropout or 0.0
+    return args
+
+
+def lora_targets(text: str) -> tuple[str, ...]:
+    """--lora-targets: comma-separated names of the decoder's linear layers."""
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if not names or (unknown := set(names) - set(ATTENTION + MLP)):
+        raise argparse.ArgumentTypeError(f"{text!r}: the decoder's linear layers are {', '.join(ATTENTION + MLP)}")
+    return names
 
 
 # ----------------------------------------------------------------------------------------------
@@ -468,8 +523,8 @@ def check_out(args):
     if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
         fail(f"--out {args.out}: {existing} is not writable (permission denied)")
     held = [name for name in CHECKPOINT_FILES if (out / name).exists()]
-    if args.resume and not (out / "model.safetensors").is_file():
-        fail(f"--resume: {args.out} holds no checkpoint written by train.py (no model.safetensors)")
+    if args.resume and not any((out / name).is_file() for name in WEIGHTS):
+        fail(f"--resume: {args.out} holds no checkpoint written by train.py (no {' or '.join(WEIGHTS)})")
     if args.resume and args.overwrite:
         fail("--resume continues the checkpoint in --out and --overwrite replaces it: give one of them")
     if held and not args.resume and not args.overwrite:
@@ -492,36 +547,30 @@ def setup(args) -> tuple[torch.device, torch.dtype]:
     return device, getattr(torch, args.dtype) if args.dtype else default_dtype(device)
 
 
-def load_for_training(source: Path, trainable: str, dtype, device) -> tuple[PaliGemma, list[nn.Parameter]]:
-    """The model with the `trainable` parameters read in float32 (from the checkpoint's own precision)
-    and learning, the others frozen in the compute dtype."""
-    learns = TRAINABLE[trainable]
+def load_for_training(args, source: Path, dtype, device) -> tuple[PaliGemma, list[nn.Parameter]]:
+    """The model with its trainable parameters in float32 (read from the checkpoint's own precision) and
+    the rest frozen in the compute dtype; with LoRA, the whole base is frozen and the adapters are new
+    (or, on --resume, read from --out)."""
+    learns = TRAINABLE.get(args.trainable, lambda name: False)
     try:
         model = PaliGemma.from_pretrained(source, dtype=lambda name: torch.float32 if learns(name) else dtype,
                                           device=device)
+        for name, p in model.named_parameters():
+            p.requires_grad_(learns(name))
+        if args.trainable == "lora" and args.resume:
+            load_adapter(model, args.out)
+        elif args.trainable == "lora":
+            add_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets, args.lora_dropout, args.rslora)
     except (OSError, ValueError) as e:
         fail(str(e))
-    for name, p in model.named_parameters():
-        p.requires_grad_(learns(name))
     return model, [p for p in model.parameters() if p.requires_grad]
 
 
-def main(argv=None):
-    args = parse_args(argv)
-
-    # Setup: the device and processes; --out checked before anything is loaded.
-    check_out(args)
-    device, dtype = setup(args)
-    source = args.out if args.resume else None
-    try:
-        source = source or resolve_checkpoint(args.model, ["*.json", "*.safetensors", "tokenizer.model"])
-        processor = Processor.from_pretrained(source)
-    except (OSError, ValueError) as e:
-        fail(str(e))
-
-    # Data: every line and image checked; an example must leave room in --max-len for its answer.
-    def room_for_answer(e):
-        n = len(processor.text_tokens(e["prefix"])[0])
+def read_data(args, processor: Processor) -> tuple[list[dict], list[dict], int]:
+    """The training and validation examples, every line and image checked, and the number of steps.
+    A training example must leave room in --max-len for its answer."""
+    def room_for_answer(example):
+        n = len(processor.text_tokens(example["prefix"])[0])
         return f"the prompt is {n} tokens: --max-len {args.max_len} leaves no room for the answer" \
             if n >= args.max_len else None
     train_set = read_jsonl(args.data, args.skip_bad, room_for_answer)
@@ -535,49 +584,92 @@ def main(argv=None):
     per_step = args.batch_size * args.grad_accum * WORLD
     if len(train_set) < per_step:
         fail(f"{len(train_set)} training examples are fewer than one step's batch of {per_step}")
-    steps = args.steps or max(1, int(args.epochs * len(train_set) // per_step))
+    return train_set, val_set, args.steps or max(1, int(args.epochs * len(train_set) // per_step))
 
-    # Model: trainable weights in float32, the rest frozen in the compute dtype.
-    model, params = load_for_training(source, args.trainable, dtype, device)
-    if args.no_final_softcap:
-        model.config.text_config.final_logit_softcapping = None
-    n_trainable, n_total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
-    log(f"model: {n_total:,} parameters, {n_trainable:,} trainable ({args.trainable}), compute {dtype}, {device}"
-        + (f", {WORLD} processes" if WORLD > 1 else ""))
 
-    # Optimizer and resume.
+RESUME_MUST_MATCH = ("trainable", "optimizer", "lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "rslora")
+
+
+def run_options(args) -> dict:
+    """The options a resumed run must share with the run it continues (saved in train_state.pt)."""
+    return {name: getattr(args, name) for name in RESUME_MUST_MATCH}
+
+
+def optimizer_and_resume(args, params, device, dtype, steps: int):
+    """The optimizer and the float16 loss scaler, with their state and step read back under --resume."""
     if args.optimizer == "adamw":
         optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     else:
         optimizer = torch.optim.SGD(params, lr=args.lr, weight_decay=args.weight_decay)
     # float16 gradients underflow without loss scaling (bfloat16 has float32's range and needs none)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    start = 0
-    if args.resume:
-        state = read_train_state(args.out, device)
-        for option, value in (("trainable", args.trainable), ("optimizer_name", args.optimizer)):
-            if state.get(option, value) != value:
-                fail(f"{args.out} was trained with --{option.split('_')[0]} {state[option]}, not {value}")
-        optimizer.load_state_dict(state["optimizer"])
-        if state["scaler"] and scaler.is_enabled():  # empty when the run so far was not in float16
-            scaler.load_state_dict(state["scaler"])
-        start = state["step"]
-        log(f"resumed from {args.out} at step {start}")
-    if start >= steps:
-        fail(f"--resume: {args.out} is at step {start} already; ask for more --steps than that")
-    if RANK == 0:
-        args.out.mkdir(parents=True, exist_ok=True)
-        remove_leftovers(args.out)
-        metrics_file = args.out / "metrics.jsonl"
-        if args.overwrite:
-            for name in CHECKPOINT_FILES:  # what would mix with the new run; the weights are replaced at the first save
-                if name != "model.safetensors" and (args.out / name).exists():
-                    (args.out / name).unlink()
-            log(f"--overwrite: {args.out}'s train state and metrics are removed; its weights are replaced at the "
-                "first save")
-        keep = [line for line in metrics_file.read_text().splitlines() if json.loads(line).get("step", 0) <= start] \
-            if args.resume and metrics_file.exists() else []  # a resumed run logs again what followed its step
-        metrics_file.write_text("".join(line + "\n" for line in keep))
+    if not args.resume:
+        return optimizer, scaler, 0
+    state = read_train_state(args.out, device)
+    for option, value in run_options(args).items():
+        if state.get("options", {}).get(option, value) != value:
+            show = lambda v: ",".join(v) if isinstance(v, tuple) else v  # noqa: E731
+            fail(f"{args.out} was trained with --{option.replace('_', '-')} {show(state['options'][option])}, "
+                 f"not {show(value)}")
+    if state["step"] >= steps:
+        fail(f"--resume: {args.out} is at step {state['step']} already; ask for more --steps than that")
+    optimizer.load_state_dict(state["optimizer"])
+    if state["scaler"] and scaler.is_enabled():  # empty when the run so far was not in float16
+        scaler.load_state_dict(state["scaler"])
+    log(f"resumed from {args.out} at step {state['step']}")
+    return optimizer, scaler, state["step"]
+
+
+def prepare_out(args, start: int) -> Path:
+    """--out made ready for this run: leftovers of a killed save removed; with --overwrite, what of the
+    earlier run this one would not replace (its train state, a sharded model, weights of the other kind:
+    an adapter beside a config.json is taken for base + adapter); metrics.jsonl kept up to the step
+    resumed from. Returns the metrics file."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(args.out)
+    if args.overwrite:
+        other = ("model.safetensors", "config.json") if args.trainable == "lora" else \
+            ("adapter_model.safetensors", "adapter_config.json")
+        stale = ["train_state.pt", "model.safetensors.index.json", *other]
+        with contextlib.suppress(Exception):  # the shards a readable index names
+            stale += json.loads((args.out / stale[1]).read_text())["weight_map"].values()
+        removed = [name for name in dict.fromkeys(stale) if (args.out / name).is_file()]
+        for name in removed:
+            (args.out / name).unlink()
+        log(f"--overwrite: {args.out}'s earlier run is replaced" + (f"; removed {', '.join(removed)}" if removed else ""))
+    metrics_file = args.out / "metrics.jsonl"
+    lines = metrics_file.read_text().splitlines() if args.resume and metrics_file.exists() else []
+    metrics_file.write_text("".join(line + "\n" for line in lines if json.loads(line).get("step", 0) <= start))
+    return metrics_file
+
+
+def main(argv=None):
+    args = parse_args(argv)
+
+    # Setup: --out checked before anything is loaded; the device and processes; the tokenizer.
+    check_out(args)
+    device, dtype = setup(args)
+    lora_base = None  # with LoRA: the base checkpoint, as the adapter records it (a folder or a hub id)
+    try:
+        if args.trainable == "lora":
+            lora_base = read_adapter_config(args.out)["base_model_name_or_path"] if args.resume else \
+                str(Path(args.model).expanduser().resolve()) if Path(args.model).expanduser().is_dir() else args.model
+        source = args.out if args.resume and not lora_base else \
+            resolve_checkpoint(lora_base or args.model, ["*.json", "*.safetensors", "tokenizer.model"])
+        processor = Processor.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        fail(str(e))
+
+    # Data, model, optimizer and resume.
+    train_set, val_set, steps = read_data(args, processor)
+    model, params = load_for_training(args, source, dtype, device)
+    if args.no_final_softcap:
+        model.config.text_config.final_logit_softcapping = None
+    n_trainable, n_total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
+    log(f"model: {n_total:,} parameters, {n_trainable:,} trainable ({args.trainable}), compute {dtype}, {device}"
+        + (f", {WORLD} processes" if WORLD > 1 else ""))
+    optimizer, scaler, start = optimizer_and_resume(args, params, device, dtype, steps)
+    metrics_file = prepare_out(args, start) if RANK == 0 else None
 
     # Wrapping: activation checkpointing, data parallelism, compilation.
     if args.grad_checkpointing:  # recompute each decoder layer's activations in backward
@@ -609,8 +701,8 @@ def main(argv=None):
 
     def save(step: int):
         if RANK == 0:
-            save_checkpoint(args.out, source, model, optimizer, scaler, step, args.trainable, args.optimizer,
-                            args.no_final_softcap)
+            save_checkpoint(args.out, source, model, optimizer, scaler, step, run_options(args), args.no_final_softcap,
+                            lora_base)
         barrier()
 
     def on_signal(signum, frame):
@@ -690,8 +782,10 @@ def main(argv=None):
                 log(f"stopped at step {done}; continue with --resume")
                 sys.exit(128 + int(stop))  # 130 after Ctrl-C, 143 after SIGTERM: not a finished run
 
-    # Final evaluation.
+    # Final evaluation; the merged model.
     run_eval(steps)
+    if args.merge and RANK == 0:
+        save_merged(args.out / "merged", source, model, args.no_final_softcap)
     if dist.is_initialized():
         dist.destroy_process_group()
 

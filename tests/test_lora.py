@@ -1,0 +1,169 @@
+"""LoRA: our adapters are PEFT's (peft loads ours onto transformers' PaliGemma and we load peft's), merging
+changes nothing, and train.py --trainable lora learns, resumes and merges."""
+
+import json
+import shutil
+
+import peft  # a test dependency, like transformers: the product never imports it
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import infer
+from conftest import PREFIXES, SUFFIXES, TOL, fresh_checkpoint, hf_model, make_dataset, max_diff_on_tokens, random_images
+from lora import MLP, add_lora, load_adapter, merge_lora, save_adapter
+from paligemma import PaliGemma
+from processor import Processor
+
+
+@pytest.fixture(scope="module", params=["mqa", "pg2-gqa"])
+def base(request, workdir, tokenizer_model, sp_size):
+    """A PaliGemma 1 and a PaliGemma 2 checkpoint."""
+    return fresh_checkpoint(workdir, tokenizer_model, sp_size, request.param)
+
+
+def inputs_of(folder):
+    batch = Processor.from_pretrained(folder)(random_images(3), PREFIXES, SUFFIXES)
+    return {k: batch[k] for k in ("input_ids", "pixel_values", "attention_mask", "token_type_ids")}, batch
+
+
+def randomised(model):
+    """Adapters that change the model (B is zero at initialisation)."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_" in name:
+                p.normal_(0, 0.2)
+    return model
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("options", [dict(rank=4, alpha=8), dict(rank=2, alpha=3, targets=MLP, rslora=True)])
+def test_peft_loads_our_adapter(base, options, tmp_path):
+    ours = PaliGemma.from_pretrained(base)
+    add_lora(ours, **options)
+    save_adapter(randomised(ours), tmp_path / "adapter", str(base))
+    inputs, batch = inputs_of(base)
+    theirs = peft.PeftModel.from_pretrained(hf_model(base), tmp_path / "adapter").eval()
+    a, b = ours(**inputs), theirs(**inputs, labels=batch["labels"]).logits
+    diff = max_diff_on_tokens(a, b, batch["attention_mask"])
+    base_diff = max_diff_on_tokens(a, hf_model(base)(**inputs, labels=batch["labels"]).logits, batch["attention_mask"])
+    print(f"{base.name} {options}: ours vs transformers + peft {diff:.1e} (vs the base model: {base_diff:.2f})")
+    assert diff <= TOL and base_diff > 1e-2
+
+
+def peft_adapter(base, folder, target_modules):
+    """An adapter made by peft itself on transformers' PaliGemma, with random (non-zero) A and B."""
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=target_modules, init_lora_weights=False)
+    model = peft.get_peft_model(hf_model(base), config)
+    model.save_pretrained(folder)
+    return model.eval()
+
+
+@torch.no_grad()
+def test_we_load_peft_adapters(base, tmp_path):
+    inputs, batch = inputs_of(base)
+    for name, targets in (("language model", r".*language_model.*\.(q_proj|v_proj|down_proj)"),
+                          ("both towers", ["q_proj", "k_proj", "v_proj", "o_proj"])):  # a list adapts SigLIP too
+        theirs = peft_adapter(base, tmp_path / name, targets)
+        ours = PaliGemma.from_pretrained(base)
+        load_adapter(ours, tmp_path / name)
+        diff = max_diff_on_tokens(ours(**inputs), theirs(**inputs, labels=batch["labels"]).logits,
+                                  batch["attention_mask"])
+        print(f"{base.name}, peft adapter on the {name}: {diff:.1e}")
+        assert diff <= TOL
+    # the same adapter under transformers <= 4.51's names: base_model.model.language_model.model.layers...
+    old = shutil.copytree(tmp_path / "language model", tmp_path / "old")
+    state = load_file(old / "adapter_model.safetensors")
+    save_file({k.replace("base_model.model.model.language_model.", "base_model.model.language_model.model."): v
+               for k, v in state.items()}, old / "adapter_model.safetensors")
+    new, legacy = PaliGemma.from_pretrained(base), PaliGemma.from_pretrained(base)
+    load_adapter(new, tmp_path / "language model")
+    load_adapter(legacy, old)
+    assert torch.equal(new(**inputs), legacy(**inputs))
+
+
+def test_adapter_keys_must_match_layers(mqa_checkpoint, tmp_path):
+    model = PaliGemma.from_pretrained(mqa_checkpoint)
+    add_lora(model, rank=2, alpha=2)
+    save_adapter(model, tmp_path / "a", str(mqa_checkpoint))
+    state = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    extra = "base_model.model.model.language_model.layers.7.self_attn.q_proj.lora_A.weight"  # 2 layers only
+    save_file(state | {extra: torch.zeros(2, 64)}, tmp_path / "a" / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"1 tensor\(s\) match no linear layer of the model: .*layers\.7\.self_attn"):
+        load_adapter(PaliGemma.from_pretrained(mqa_checkpoint), tmp_path / "a")
+    key = "base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight"
+    save_file(state | {key: torch.zeros(3, 64)}, tmp_path / "a" / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"q_proj\.lora_A has shape \[3, 64\], expected \[2, 64\] \(rank 2\)"):
+        load_adapter(PaliGemma.from_pretrained(mqa_checkpoint), tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(config | {"use_dora": True}))
+    with pytest.raises(ValueError, match="use_dora = True is not supported"):
+        load_adapter(PaliGemma.from_pretrained(mqa_checkpoint), tmp_path / "a")
+
+
+@torch.no_grad()
+def test_merged_equals_unmerged_and_zero_b_equals_the_base(base):
+    inputs, batch = inputs_of(base)
+    reference = PaliGemma.from_pretrained(base)(**inputs)
+    model = PaliGemma.from_pretrained(base)
+    add_lora(model, rank=4, alpha=8, targets=("q_proj", "o_proj", "up_proj"))
+    assert torch.equal(model(**inputs), reference)  # B = 0: exactly the base model
+    unmerged = randomised(model)(**inputs)
+    merged = merge_lora(model)(**inputs)
+    assert not any(".lora_" in name for name, _ in model.named_parameters())
+    diff = max_diff_on_tokens(merged, unmerged, batch["attention_mask"])
+    print(f"{base.name}: merged vs unmerged {diff:.1e}")
+    assert diff <= TOL and max_diff_on_tokens(unmerged, reference, batch["attention_mask"]) > 1e-2
+
+
+def test_train_lora_learns_resumes_and_merges(run_train, mqa_checkpoint, tmp_path, capsys, monkeypatch):
+    handful = make_dataset(tmp_path / "data", 4, "handful.jsonl")
+    args = ["--trainable", "lora", "--lora-rank", "4", "--lora-targets", "q_proj,v_proj,gate_proj", "--lr", "5e-2",
+            "--steps", "30", "--eval-every", "0"]
+    out = run_train(tmp_path / "o", *args, "--merge", data=handful)
+    assert {f.name for f in out.iterdir()} == {"adapter_config.json", "adapter_model.safetensors", "train_state.pt",
+                                               "metrics.jsonl", "merged"}
+    assert not (out / "merged" / "adapter_config.json").exists()
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(line)]
+    print(f"LoRA loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    assert losses[-1] < losses[0] - 0.5  # a random base model: the adapters move it, slowly
+    assert "trainable (lora)" in capsys.readouterr().out
+
+    # The trained adapter changes the model; the merged folder equals it, in ours and in transformers.
+    inputs, batch = inputs_of(mqa_checkpoint)
+    with torch.no_grad():
+        adapted = PaliGemma.from_pretrained(mqa_checkpoint)
+        load_adapter(adapted, out)
+        ours = adapted(**inputs)
+        assert max_diff_on_tokens(ours, PaliGemma.from_pretrained(mqa_checkpoint)(**inputs), batch["attention_mask"]) > 1e-2
+        merged = PaliGemma.from_pretrained(out / "merged")(**inputs)
+        theirs = hf_model(out / "merged")(**inputs, labels=batch["labels"]).logits
+    assert max_diff_on_tokens(merged, ours, batch["attention_mask"]) <= TOL
+    assert max_diff_on_tokens(theirs, ours, batch["attention_mask"]) <= TOL
+
+    # Resumed after step 12, the adapter equals the uninterrupted run's.
+    import train
+    monkeypatch.setattr(train, "log", lambda *a, **k: train.STOP.append(2) if str(a[0]).startswith("step 12/") else None)
+    with pytest.raises(SystemExit):
+        run_train(tmp_path / "resumed", *args, data=handful)
+    monkeypatch.undo()
+    train.STOP.clear()
+    run_train(tmp_path / "resumed", *args, "--resume", data=handful)
+    a, b = (load_file(f / "adapter_model.safetensors") for f in (out, tmp_path / "resumed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # infer.py takes the adapter's folder as --model (its base is recorded in it), or --adapter.
+    capsys.readouterr()
+    for argv in (["--model", out], ["--model", mqa_checkpoint, "--adapter", out]):
+        infer.main([str(x) for x in argv] + ["--image", str(handful.parent / "handful.jsonl-0.png"),
+                                             "--prompt", "answer en what colour is it?", "--max-new-tokens", "3"])
+    printed = capsys.readouterr()
+    assert printed.out.count("\n") == 2 and printed.err.count("with the adapter") == 2
+
+
+def test_lora_options_need_trainable_lora(run_train, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        run_train(tmp_path / "o", "--lora-rank", "4", "--merge")
+    assert e.value.code == 2 and "--lora-rank, --merge only with --trainable lora" in capsys.readouterr().err
