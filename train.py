@@ -21,8 +21,7 @@ and a second Ctrl-C stops at once; a non-finite loss stops before anything is wr
 The file reads as the script runs: the data, the model and its loss, evaluation, checkpoints, the
 options, then `main` in named steps (setup, data, model, optimizer and resume, the training loop).
 
-What it is not: a general trainer. No LoRA, no mixed datasets, no evaluation beyond exact match and
-box IoU.
+What it is not: a general trainer. No mixed datasets, no evaluation beyond exact match and COCO box mAP.
 """
 
 import argparse
@@ -40,6 +39,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -236,34 +236,88 @@ def normalize_answer(text: str) -> str:
     return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
 
 
-def box_iou(a, b) -> float:
-    w = min(a[2], b[2]) - max(a[0], b[0])
-    h = min(a[3], b[3]) - max(a[1], b[1])
-    inter = max(w, 0) * max(h, 0)
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
+IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)  # COCO's, spelled as pycocotools spells them
+RECALL_THRESHOLDS = np.linspace(0.0, 1.0, 101)
 
 
-def detection_ious(predicted: str, target: str) -> list[float]:
-    """For each target box, the IoU of the best unused predicted box with the same label (0 if none)."""
-    predictions = parse_detections(predicted, 1, 1)
-    ious = []
-    for box, label in parse_detections(target, 1, 1):
-        scores = [(box_iou(box, p), i) for i, (p, l) in enumerate(predictions) if l == label]
-        best, i = max(scores, default=(0.0, None))
-        if i is not None:
-            predictions.pop(i)
-        ious.append(best)
-    return ious
+def coco_iou(d, g) -> float:
+    """IoU of two (x, y, w, h) boxes, in pycocotools' arithmetic (its bbIou), so that ties fall alike."""
+    w = min(d[0] + d[2], g[0] + g[2]) - max(d[0], g[0])
+    h = min(d[1] + d[3], g[1] + g[3]) - max(d[1], g[1])
+    if w <= 0 or h <= 0:
+        return 0.0
+    return w * h / (d[2] * d[3] + g[2] * g[3] - w * h)
+
+
+def coco_matches(detections: list, targets: list) -> np.ndarray:
+    """(thresholds, detections) bool: at each IoU threshold, whether each detection (in order) takes a target:
+    the one of highest IoU >= the threshold among those not yet taken (a later one on ties)."""
+    ious = [[coco_iou(d, g) for g in targets] for d in detections]
+    matched = np.zeros((len(IOU_THRESHOLDS), len(detections)), dtype=bool)
+    for t, threshold in enumerate(IOU_THRESHOLDS):
+        taken = [False] * len(targets)
+        for i in range(len(detections)):
+            best, m = min(threshold, 1 - 1e-10), -1
+            for j in range(len(targets)):
+                if not taken[j] and ious[i][j] >= best:
+                    best, m = ious[i][j], j
+            if m >= 0:
+                taken[m], matched[t, i] = True, True
+    return matched
+
+
+def detection_map(pairs: list[tuple[str, str]]) -> dict:
+    """COCO box mAP of detect answers, as pycocotools' COCOeval computes it: pairs are (predicted answer,
+    target suffix), one per image. Per label: detections ranked by score (PaliGemma gives none, so all
+    score 1 and rank in the order of the images, then of the boxes within an answer), at most 100 per
+    image; a detection takes an unmatched target of the same label at IoU >= the threshold, or is a false
+    positive (a repeated box too); precision made monotone and read at 101 recall points, for IoU
+    thresholds 0.50:0.05:0.95. Labels without targets are left out of the means, as in COCO.
+    Returns map50, map50_95 (-1 without any target, as pycocotools) and ap50_95 per label."""
+    per_label = {}  # label -> [matches of each image, number of targets]
+    for predicted, target in pairs:
+        xywh = lambda text: [((x1, y1, x2 - x1, y2 - y1), label)  # noqa: E731
+                             for (x1, y1, x2, y2), label in parse_detections(text, 1, 1)]
+        detections, targets = xywh(predicted), xywh(target)
+        for label in dict.fromkeys([label for _, label in targets + detections]):
+            mine = [box for box, other in detections if other == label][:100]
+            theirs = [box for box, other in targets if other == label]
+            entry = per_label.setdefault(label, [[], 0])
+            entry[0].append(coco_matches(mine, theirs))
+            entry[1] += len(theirs)
+    precision = {}  # label -> (thresholds, recall points)
+    for label, (matches, n_targets) in per_label.items():
+        if n_targets == 0:
+            continue
+        tp = np.cumsum(np.concatenate(matches, axis=1), axis=1).astype(float)
+        fp = np.arange(1, tp.shape[1] + 1) - tp
+        q = np.zeros((len(IOU_THRESHOLDS), len(RECALL_THRESHOLDS)))
+        for t in range(len(IOU_THRESHOLDS)):
+            recall, p = tp[t] / n_targets, tp[t] / (fp[t] + tp[t] + np.spacing(1))
+            p = np.maximum.accumulate(p[::-1])[::-1]  # made monotone from the right
+            at = np.searchsorted(recall, RECALL_THRESHOLDS, side="left")
+            q[t, at < len(p)] = p[at[at < len(p)]]
+        precision[label] = q
+    if not precision:
+        return dict(map50=-1.0, map50_95=-1.0, ap50_95={})
+    every = np.stack(list(precision.values()))  # (labels, thresholds, recall points)
+    return dict(map50=float(every[:, 0].mean()), map50_95=float(every.mean()),
+                ap50_95={label: float(q.mean()) for label, q in sorted(precision.items())})
+
+
+def repeated_boxes(answer: str) -> int:
+    """Boxes an answer writes again (the same box and label): each is a false positive for mAP."""
+    found = parse_detections(answer, 1, 1)
+    return len(found) - len(set(found))
 
 
 @torch.no_grad()
 def evaluate(model: PaliGemma, processor: Processor, examples: list[dict], batch_size: int, max_len: int,
-             device, autocast) -> tuple[dict, list[str]]:
-    """Validation loss, and greedy answers scored: by box IoU for detect prompts, by exact match for the
-    others. Returns the metrics and three example answers."""
+             max_new_tokens: int, device, autocast) -> tuple[dict, list[str]]:
+    """Validation loss, and greedy answers scored: COCO mAP for detect prompts, exact match for the others.
+    Returns the metrics and three example answers."""
     model.eval()
-    loss_sum, n_targets, matches, ious, shown = 0.0, 0, [], [], []
+    loss_sum, n_targets, matches, detections, at_limit, shown = 0.0, 0, [], [], 0, []
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
         images, prefixes = [load_image(e["image"]) for e in chunk], [e["prefix"] for e in chunk]
@@ -273,22 +327,25 @@ def evaluate(model: PaliGemma, processor: Processor, examples: list[dict], batch
         with autocast:
             loss_sum += SuffixLossSum(model)(**batch).item()
             new = model.generate(prompts["input_ids"], prompts["pixel_values"], prompts["attention_mask"],
-                                 max_new_tokens=max_len)
+                                 max_new_tokens=max_new_tokens)
         n_targets += int(count_targets(batch["labels"]))
+        if new.shape[1] == max_new_tokens:  # rows that wrote no <eos> were cut by the limit
+            at_limit += int((new != model.config.eos_token_id).all(1).sum())
         for e, row in zip(chunk, new.tolist()):
             answer = processor.decode(row).strip()
             if e["prefix"].startswith("detect"):
-                ious += detection_ious(answer, e["suffix"])
+                detections.append((answer, e["suffix"]))
             else:
                 matches.append(normalize_answer(answer) == normalize_answer(e["suffix"]))
             if len(shown) < 3:
                 shown.append(f"  {e['prefix']!r} -> {answer!r} (target {e['suffix']!r})")
     model.train()
-    metrics = dict(val_loss=loss_sum / max(n_targets, 1))
+    metrics = dict(val_loss=loss_sum / max(n_targets, 1), answers_at_token_limit=at_limit)
     if matches:
         metrics["exact_match"] = sum(matches) / len(matches)
-    if ious:
-        metrics["mean_iou"] = sum(ious) / len(ious)
+    if detections:
+        metrics |= detection_map(detections)
+        metrics["repeated_boxes"] = sum(repeated_boxes(answer) for answer, _ in detections)
     return metrics, shown
 
 
@@ -482,6 +539,8 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=number(int, 1), default=10)
     p.add_argument("--eval-every", type=number(int, 0), default=0, help="evaluate every N steps (0: only at the end)")
     p.add_argument("--eval-examples", type=number(int, 0), default=100, help="validation examples to evaluate")
+    p.add_argument("--eval-max-new-tokens", type=number(int, 1), default=128,
+                   help="the longest answer generated in evaluation")
     p.add_argument("--save-every", type=number(int, 0), default=0, help="save every N steps (0: only at the end)")
     args = p.parse_args(argv)
     lora_options = {"--lora-rank": args.lora_rank, "--lora-alpha": args.lora_alpha, "--lora-targets": args.lora_targets,
@@ -694,8 +753,13 @@ def main(argv=None):
 
     def run_eval(step: int):
         if RANK == 0 and val_set:
-            metrics, shown = evaluate(model, processor, val_set, args.batch_size, args.max_len, device, autocast)
-            log(f"eval step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), *shown, sep="\n")
+            metrics, shown = evaluate(model, processor, val_set, args.batch_size, args.max_len,
+                                      args.eval_max_new_tokens, device, autocast)
+            numbers = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
+                                if not isinstance(v, dict))
+            per_label = ", ".join(f"{label} {ap:.3f}" for label, ap in metrics.get("ap50_95", {}).items())
+            log(f"eval step {step}: {numbers}", *([f"  AP@50:95 per label: {per_label}"] if per_label else []),
+                *shown, sep="\n")
             record(dict(step=step, **metrics))
         barrier()
 

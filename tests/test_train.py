@@ -153,11 +153,12 @@ def test_evaluation_answers_the_prompt_alone(mqa_checkpoint, data, monkeypatch):
     monkeypatch.setattr(model, "generate",
                         lambda input_ids, *a, **k: seen.append(input_ids) or generate(input_ids, *a, **k))
 
-    metrics, shown = train.evaluate(model, processor, examples, batch_size=4, max_len=16, device=torch.device("cpu"),
-                                    autocast=torch.autocast("cpu", enabled=False))
+    metrics, shown = train.evaluate(model, processor, examples, batch_size=4, max_len=16, max_new_tokens=16,
+                                    device=torch.device("cpu"), autocast=torch.autocast("cpu", enabled=False))
     prompts = processor([load_image(e["image"]) for e in examples], [e["prefix"] for e in examples])
     assert len(seen) == 1 and torch.equal(seen[0], prompts["input_ids"])
-    assert set(metrics) == {"val_loss", "exact_match", "mean_iou"} and len(shown) == 3
+    assert set(metrics) == {"val_loss", "answers_at_token_limit", "exact_match", "map50", "map50_95", "ap50_95",
+                            "repeated_boxes"} and len(shown) == 3
 
 
 def test_default_validation_file(tmp_path):
