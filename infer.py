@@ -5,7 +5,8 @@
     python infer.py --model lora-out/ --image a.jpg --prompt "caption en"     # an adapter on its base model
 
 Prints one answer per image on stdout (nothing else there), timings on stderr. One prompt serves all
-images, or give one per image. With `--out`, the boxes of a `detect` answer are drawn on the image.
+images, or give one per image. With `--out`, the boxes of a `detect` answer (and the masks of a `segment`
+answer, decoded by the VQ-VAE of vqvae.py) are drawn on the image.
 Bad input (a missing or unreadable image, a checkpoint without weights, an option out of range, an
 `--out` that cannot be written or that would overwrite an input image) is one line on stderr and
 exit code 2, before the model is loaded where it can be known then.
@@ -13,32 +14,55 @@ exit code 2, before the model is loaded where it can be known then.
 
 import argparse
 import os
+import re
 import sys
 import time
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
+import numpy as np
+from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont
 
 from cli import fail, number
 from lora import load_adapter, read_adapter_config
 from paligemma import PaliGemma, default_dtype, resolve_device
-from processor import Processor, load_image, parse_detections
+from processor import SEG, Detection, Processor, load_image, parse_detections, to_rgb
+from vqvae import VQVAE
 
 
-def draw_detections(image: Image.Image, detections) -> Image.Image:
-    """A copy of `image` with each (box in pixels, label) drawn on it."""
-    image = image.convert("RGB")
-    draw = ImageDraw.Draw(image)
-    width = max(1, round(min(image.size) / 150))
-    for i, ((x1, y1, x2, y2), label) in enumerate(detections):
-        colour = ("red", "lime", "blue", "yellow", "magenta", "cyan")[i % 6]
-        draw.rectangle((x1, y1, x2, y2), outline=colour, width=width)
-        if label:
-            left, top, right, bottom = draw.textbbox((x1, y1), label)
-            draw.rectangle((left, top, right + 2, bottom + 2), fill=colour)
-            draw.text((x1 + 1, y1 + 1), label, fill="black")
-    return image
+COLOURS = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 200, 200),
+           (240, 50, 230), (210, 180, 20))
+
+
+def draw_detections(image: Image.Image, detections: list[Detection]) -> Image.Image:
+    """A copy of `image` with each object's box and label, and its mask (a translucent fill with an outline)
+    when it has one. Images under 512 pixels are drawn enlarged, so that labels can be read; a label sits
+    above its box where there is room, else inside it, and never leaves the image."""
+    scale = max(1, round(512 / max(image.size)))
+    canvas = to_rgb(image).resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+    overlay = Image.new("RGBA", canvas.size)
+    for i, d in enumerate(detections):
+        if d.mask is not None:
+            mask = Image.fromarray(d.mask.astype(np.uint8) * 255).resize(canvas.size, Image.Resampling.NEAREST)
+            overlay.paste((*COLOURS[i % len(COLOURS)], 100), mask=mask)
+            edge = ImageChops.subtract(mask, mask.filter(ImageFilter.MinFilter(3)))
+            overlay.paste((*COLOURS[i % len(COLOURS)], 255), mask=edge)
+    canvas = Image.alpha_composite(canvas.convert("RGBA"), overlay).convert("RGB")
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=max(12, canvas.height // 32))
+    for i, d in enumerate(detections):
+        colour = COLOURS[i % len(COLOURS)]
+        x1, y1, x2, y2 = (v * scale for v in d.box)
+        draw.rectangle((x1, y1, x2, y2), outline=colour, width=max(2, canvas.height // 250))
+        if d.label:
+            left, top, right, bottom = draw.textbbox((0, 0), d.label, font=font)
+            w, h = right - left + 6, bottom - top + 6
+            x = min(max(x1, 0), canvas.width - w)
+            y = y1 - h if y1 >= h else min(y1, canvas.height - h)
+            draw.rectangle((x, y, x + w, y + h), fill=colour)
+            dark = sum(c * w for c, w in zip(colour, (0.3, 0.59, 0.11))) < 150
+            draw.text((x + 3 - left, y + 3 - top), d.label, fill="white" if dark else "black", font=font)
+    return canvas
 
 
 def output_paths(out: str, images: list[str]) -> list[Path]:
@@ -88,8 +112,10 @@ def main(argv=None):
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="default: bfloat16 on a GPU that supports it, else float32")
     p.add_argument("--device", default=None, help="default: cuda, then mps, then cpu")
-    p.add_argument("--out", default=None,
-                   help="image file to draw detected boxes on (with several images, _0, _1, ... are added)")
+    p.add_argument("--out", default=None, help="image file to draw the boxes and masks of the answer on (with several "
+                   "images, _0, _1, ... are added)")
+    p.add_argument("--vae", default=None, help="the VQ-VAE npz that decodes <seg> tokens into masks (default: "
+                   "big_vision's vae-oid.npz from the hub); loaded only when an answer holds <seg> tokens")
     args = p.parse_args(argv)
 
     if len(args.prompt) not in (1, len(args.image)):
@@ -136,11 +162,19 @@ def main(argv=None):
     answers = [processor.decode(row).strip() for row in new.tolist()]
     for answer in answers:
         print(" ".join(answer.splitlines()))
+    vae = None
+    if out_paths and any(re.search(SEG, answer) for answer in answers):
+        try:
+            vae = VQVAE.from_pretrained(args.vae)
+        except (OSError, ValueError) as e:
+            print(f"the answers hold masks, which are not drawn: {e}", file=sys.stderr)
     for image, answer, out, name in zip(images, answers, out_paths, args.image):
-        detections = parse_detections(answer, *image.size)
+        detections = parse_detections(answer, *image.size, vae=vae)
         if detections:
             save_image(draw_detections(image, detections), out)
-            print(f"{out}: {len(detections)} boxes drawn", file=sys.stderr)
+            masks = sum(d.mask is not None for d in detections)
+            print(f"{out}: {len(detections)} boxes" + (f" and {masks} masks" if masks else "") + " drawn",
+                  file=sys.stderr)
         else:
             print(f"{name}: the answer holds no boxes; nothing written to {out}", file=sys.stderr)
 

@@ -3,6 +3,8 @@ r"""What goes into PaliGemma and what comes out: images, prompts and answers.
     image file --load_image--> PIL image --Processor--> pixel_values (B, 3, S, S) in [-1, 1]
     prefix, suffix --Tokenizer--> input_ids, attention_mask, token_type_ids, labels (B, T)
     new token ids --Tokenizer.decode--> "<loc0123><loc0045><loc0400><loc0321> cat" --parse_detections--> boxes
+    "<loc...> x 4 <seg...> x 16 cat" --parse_detections with a VQ-VAE (vqvae.py)--> boxes and masks
+    masks of a COCO segmentation export --segment_tokens--> training examples (python processor.py --coco)
 
 The layout of a prompt is the checkpoints' (and transformers' PaliGemmaProcessor's):
 
@@ -14,13 +16,16 @@ What it is not: the model (paligemma.py). It needs sentencepiece, PIL and numpy 
 """
 
 import errno
+import json
+import os
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import sentencepiece
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from paligemma import PaliGemmaConfig, resolve_checkpoint
 
@@ -191,21 +196,159 @@ def count_targets(labels: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# Answers
+# Answers: boxes and masks
+#
+# A detect answer is `<locY1><locX1><locY2><locX2> label ; ...`; a segment answer puts 16 <seg> tokens
+# after each box (vqvae.py decodes them). Coordinates are in 1024ths of the image, y first: <locK> reads
+# K/1024, and a coordinate c is written <locK> with K = floor(c * 1024), at most 1023. (big_vision's
+# segmentation code writes round(c * 1023) and reads K/1023: boxes differ by less than 0.1%.)
 
-DETECTION = re.compile(f"({LOC})({LOC})({LOC})({LOC})(?:{SEG})*([^;<]*)")
+OBJECT = re.compile(f"({LOC})({LOC})({LOC})({LOC})((?:{SEG})*)([^;<]*)")
 
 
-def parse_detections(text: str, width: int, height: int) -> list[tuple[tuple[float, float, float, float], str]]:
-    """`<locY1><locX1><locY2><locX2> label ; ...` -> [((x1, y1, x2, y2) in pixels, label)].
+class Detection(NamedTuple):
+    box: tuple[float, float, float, float]  # x1, y1, x2, y2 in pixels
+    label: str
+    codes: tuple[int, ...] | None = None  # the 16 <seg> codes of a segment answer
+    mask: np.ndarray | None = None  # bool (H, W), from the codes, when a VQ-VAE was given to decode them
 
-    Coordinates are in 1024ths of the image's height (y) and width (x), y first, so boxes lie inside
-    the image. Whatever cannot be read as four loc tokens and a label is skipped; segmentation tokens
-    after a box are ignored.
+
+def paste_mask(vae, codes, box, width: int, height: int) -> np.ndarray:
+    """The VQ-VAE's 64x64 mask of `codes`, resized bilinearly to the box (whole pixels, as big_vision's
+    evaluator cuts it) and pasted into an (H, W) bool array: inside where the decoder's output is > 0."""
+    with torch.no_grad():
+        logits = vae.decode(torch.tensor([codes]))[0].float().numpy()  # (64, 64)
+    x1, y1, x2, y2 = (int(v) for v in box)
+    mask = np.zeros((height, width), dtype=bool)
+    if x2 > x1 and y2 > y1:
+        mask[y1:y2, x1:x2] = np.asarray(Image.fromarray(logits).resize((x2 - x1, y2 - y1), Image.BILINEAR)) > 0
+    return mask
+
+
+def parse_detections(text: str, width: int, height: int, vae=None) -> list[Detection]:
+    """`<locY1><locX1><locY2><locX2>[<seg...> x 16] label ; ...` -> the objects, boxes in pixels.
+
+    Whatever cannot be read as four loc tokens and a label is skipped (so is a box whose end is not after
+    its start); an object's codes are kept only when exactly 16 <seg> tokens follow its box, and its mask
+    is made when `vae` (a vqvae.VQVAE) is given.
     """
     detections = []
-    for m in DETECTION.finditer(text):
+    for m in OBJECT.finditer(text):
         y1, x1, y2, x2 = (int(v[4:8]) / 1024 for v in m.groups()[:4])
         if y2 > y1 and x2 > x1:
-            detections.append(((x1 * width, y1 * height, x2 * width, y2 * height), m.group(5).strip()))
+            box = (x1 * width, y1 * height, x2 * width, y2 * height)
+            codes = tuple(int(c) for c in re.findall(r"<seg(\d{3})>", m.group(5)))
+            codes = codes if len(codes) == 16 else None
+            mask = paste_mask(vae, codes, box, width, height) if vae is not None and codes else None
+            detections.append(Detection(box, m.group(6).strip(), codes, mask))
     return detections
+
+
+def loc_tokens(box, width: int, height: int) -> str:
+    """(x1, y1, x2, y2) in pixels -> `<locY1><locX1><locY2><locX2>`."""
+    x1, y1, x2, y2 = box
+    return "".join(f"<loc{min(1023, int(v / size * 1024)):04d}>" for v, size in
+                   ((y1, height), (x1, width), (y2, height), (x2, width)))
+
+
+def segment_tokens(mask: np.ndarray, box, vae) -> str:
+    """One object's mask (H, W) bool and box (x1, y1, x2, y2, pixels) -> its box and 16 <seg> tokens, as
+    big_vision encodes them: the mask cut to the box (whole pixels), resized to 64x64 bilinearly (PIL
+    antialiases when it shrinks), in [0, 1], encoded by the VQ-VAE."""
+    height, width = mask.shape
+    x1, y1, x2, y2 = (int(round(v)) for v in box)
+    crop = Image.fromarray(mask[y1:y2, x1:x2].astype(np.uint8) * 255).resize((64, 64), Image.BILINEAR)
+    with torch.no_grad():
+        codes = vae.encode(torch.from_numpy(np.asarray(crop, dtype=np.float32) / 255)[None])[0]
+    return loc_tokens(box, width, height) + "".join(f"<seg{int(c):03d}>" for c in codes)
+
+
+# ----------------------------------------------------------------------------------------------
+# Segmentation fine-tuning data from masks: python processor.py --coco train/_annotations.coco.json
+
+
+def rle_counts(counts) -> list[int]:
+    """COCO's run lengths, from a list or from its compressed string (6 bits a character, 5 of value
+    and a continuation bit, the last chunk signed; from the third run on, relative to the one two back)."""
+    if isinstance(counts, list):
+        return counts
+    runs, i = [], 0
+    while i < len(counts):
+        value, shift, more = 0, 0, True
+        while more:
+            c = ord(counts[i]) - 48
+            value |= (c & 0x1F) << shift
+            more, i, shift = c & 0x20, i + 1, shift + 5
+            if not more and c & 0x10:
+                value |= -1 << shift
+        runs.append(value + (runs[-2] if len(runs) > 2 else 0))
+    return runs
+
+
+def coco_mask(segmentation, height: int, width: int) -> np.ndarray:
+    """An annotation's segmentation, polygons ([[x, y, x, y, ...], ...]) or RLE ({"counts", "size"}),
+    as a bool (H, W) mask."""
+    if isinstance(segmentation, dict):  # runs of 0s then 1s, alternating, down the columns
+        runs = rle_counts(segmentation["counts"])
+        flat = np.repeat(np.arange(len(runs)) % 2 == 1, runs)
+        return flat.reshape(segmentation["size"][1], segmentation["size"][0]).T
+    image = Image.new("L", (width, height))
+    for polygon in segmentation:
+        ImageDraw.Draw(image).polygon(list(zip(polygon[::2], polygon[1::2])), fill=1)
+    return np.asarray(image, dtype=bool)
+
+
+def coco_segmentation_examples(coco_json: Path, vae) -> list[dict]:
+    """A COCO instance-segmentation export (Roboflow's "COCO Segmentation": _annotations.coco.json beside the
+    images) as train.py's examples: one per image and class, prefix `segment <class>`, suffix each
+    instance's box, 16 <seg> tokens and ` <class>`, joined with ` ; ` as PaliGemma writes them."""
+    try:
+        data = json.loads(coco_json.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{coco_json}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    names = {c["id"]: c["name"] for c in data["categories"]}
+    by_image = {}
+    for a in data["annotations"]:
+        by_image.setdefault(a["image_id"], []).append(a)
+    examples = []
+    for image in data["images"]:
+        height, width = image["height"], image["width"]
+        by_class = {}
+        for a in sorted(by_image.get(image["id"], []), key=lambda a: (a["bbox"][1], a["bbox"][0])):
+            x, y, w, h = a["bbox"]
+            tokens = segment_tokens(coco_mask(a["segmentation"], height, width), (x, y, x + w, y + h), vae)
+            by_class.setdefault(names[a["category_id"]], []).append(f"{tokens} {names[a['category_id']]}")
+        for name, objects in by_class.items():
+            examples.append(dict(image=image["file_name"], prefix=f"segment {name}", suffix=" ; ".join(objects)))
+    return examples
+
+
+def main(argv=None):
+    import argparse
+
+    from cli import fail
+    from vqvae import VQVAE
+
+    p = argparse.ArgumentParser(description="Turns a COCO instance-segmentation export into train.py's JSONL: "
+                                "`segment <class>` prompts answered with boxes and <seg> tokens.")
+    p.add_argument("--coco", type=Path, required=True, help="_annotations.coco.json, beside its images")
+    p.add_argument("--vae", default=None, help="the VQ-VAE npz that encodes masks (default: big_vision's "
+                   "vae-oid.npz from the hub, which PaliGemma's checkpoints were trained with)")
+    p.add_argument("--out", type=Path, default=None, help="default: annotations.jsonl beside --coco")
+    args = p.parse_args(argv)
+    out = args.out or args.coco.with_name("annotations.jsonl")
+    try:
+        vae = VQVAE.from_pretrained(args.vae)
+        examples = coco_segmentation_examples(args.coco, vae)
+    except (OSError, ValueError) as e:
+        fail(str(e))
+    except (KeyError, TypeError, IndexError) as e:
+        fail(f"{args.coco}: not a COCO instance-segmentation export ({type(e).__name__}: {e})")
+    for e in examples:  # image paths relative to the JSONL, as train.py reads them
+        e["image"] = os.path.relpath(args.coco.parent / e["image"], out.parent)
+    out.write_text("".join(json.dumps(e) + "\n" for e in examples))
+    print(f"{out}: {len(examples)} examples from {args.coco}")
+
+
+if __name__ == "__main__":
+    main()

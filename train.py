@@ -21,7 +21,8 @@ and a second Ctrl-C stops at once; a non-finite loss stops before anything is wr
 The file reads as the script runs: the data, the model and its loss, evaluation, checkpoints, the
 options, then `main` in named steps (setup, data, model, optimizer and resume, the training loop).
 
-What it is not: a general trainer. No mixed datasets, no evaluation beyond exact match and COCO box mAP.
+What it is not: a general trainer. No mixed datasets, no evaluation beyond exact match, COCO box mAP and
+mask IoU.
 """
 
 import argparse
@@ -52,6 +53,7 @@ from cli import fail, number
 from lora import ATTENTION, MLP, add_lora, adapter_config, adapter_state, load_adapter, merge_lora, read_adapter_config
 from paligemma import PaliGemma, default_dtype, official_state_dict, resolve_checkpoint, resolve_device
 from processor import Processor, count_targets, load_image, parse_detections
+from vqvae import VQVAE
 
 TRAINABLE = {  # --trainable: which parameters learn
     "attn": lambda name: name.startswith("language_model.layers.") and ".self_attn." in name,  # q, k, v, o
@@ -276,8 +278,8 @@ def detection_map(pairs: list[tuple[str, str]]) -> dict:
     Returns map50, map50_95 (-1 without any target, as pycocotools) and ap50_95 per label."""
     per_label = {}  # label -> [matches of each image, number of targets]
     for predicted, target in pairs:
-        xywh = lambda text: [((x1, y1, x2 - x1, y2 - y1), label)  # noqa: E731
-                             for (x1, y1, x2, y2), label in parse_detections(text, 1, 1)]
+        xywh = lambda text: [((d.box[0], d.box[1], d.box[2] - d.box[0], d.box[3] - d.box[1]), d.label)  # noqa: E731
+                             for d in parse_detections(text, 1, 1)]
         detections, targets = xywh(predicted), xywh(target)
         for label in dict.fromkeys([label for _, label in targets + detections]):
             mine = [box for box, other in detections if other == label][:100]
@@ -305,19 +307,29 @@ def detection_map(pairs: list[tuple[str, str]]) -> dict:
                 ap50_95={label: float(q.mean()) for label, q in sorted(precision.items())})
 
 
+def mask_iou(predicted: str, target: str, width: int, height: int, vae) -> float:
+    """IoU of the union of an answer's masks with the union of the target's (decoded by the VQ-VAE too)."""
+    def union(text):
+        masks = [d.mask for d in parse_detections(text, width, height, vae) if d.mask is not None]
+        return np.logical_or.reduce(masks + [np.zeros((height, width), dtype=bool)])
+    p, t = union(predicted), union(target)
+    return float((p & t).sum() / max((p | t).sum(), 1))
+
+
 def repeated_boxes(answer: str) -> int:
     """Boxes an answer writes again (the same box and label): each is a false positive for mAP."""
-    found = parse_detections(answer, 1, 1)
+    found = [(d.box, d.label) for d in parse_detections(answer, 1, 1)]
     return len(found) - len(set(found))
 
 
 @torch.no_grad()
 def evaluate(model: PaliGemma, processor: Processor, examples: list[dict], batch_size: int, max_len: int,
-             max_new_tokens: int, device, autocast) -> tuple[dict, list[str]]:
-    """Validation loss, and greedy answers scored: COCO mAP for detect prompts, exact match for the others.
-    Returns the metrics and three example answers."""
+             max_new_tokens: int, device, autocast, vae=None) -> tuple[dict, list[str]]:
+    """Validation loss, and greedy answers scored: COCO box mAP for detect and segment prompts, mean mask
+    IoU for segment prompts (with a VQ-VAE to decode the masks), exact match for the others. Returns the
+    metrics and three example answers."""
     model.eval()
-    loss_sum, n_targets, matches, detections, at_limit, shown = 0.0, 0, [], [], 0, []
+    loss_sum, n_targets, matches, detections, masks, at_limit, shown = 0.0, 0, [], [], [], 0, []
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
         images, prefixes = [load_image(e["image"]) for e in chunk], [e["prefix"] for e in chunk]
@@ -331,11 +343,13 @@ def evaluate(model: PaliGemma, processor: Processor, examples: list[dict], batch
         n_targets += int(count_targets(batch["labels"]))
         if new.shape[1] == max_new_tokens:  # rows that wrote no <eos> were cut by the limit
             at_limit += int((new != model.config.eos_token_id).all(1).sum())
-        for e, row in zip(chunk, new.tolist()):
+        for e, image, row in zip(chunk, images, new.tolist()):
             answer = processor.decode(row).strip()
-            if e["prefix"].startswith("detect"):
+            if e["prefix"].startswith(("detect", "segment")):
                 detections.append((answer, e["suffix"]))
-            else:
+            if e["prefix"].startswith("segment") and vae is not None:
+                masks.append(mask_iou(answer, e["suffix"], *image.size, vae))
+            elif not e["prefix"].startswith(("detect", "segment")):
                 matches.append(normalize_answer(answer) == normalize_answer(e["suffix"]))
             if len(shown) < 3:
                 shown.append(f"  {e['prefix']!r} -> {answer!r} (target {e['suffix']!r})")
@@ -346,6 +360,8 @@ def evaluate(model: PaliGemma, processor: Processor, examples: list[dict], batch
     if detections:
         metrics |= detection_map(detections)
         metrics["repeated_boxes"] = sum(repeated_boxes(answer) for answer, _ in detections)
+    if masks:
+        metrics["mask_iou"] = sum(masks) / len(masks)
     return metrics, shown
 
 
@@ -541,6 +557,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-examples", type=number(int, 0), default=100, help="validation examples to evaluate")
     p.add_argument("--eval-max-new-tokens", type=number(int, 1), default=128,
                    help="the longest answer generated in evaluation")
+    p.add_argument("--vae", default=None, help="a VQ-VAE npz (vae-oid.npz) to score the masks of segment prompts")
     p.add_argument("--save-every", type=number(int, 0), default=0, help="save every N steps (0: only at the end)")
     args = p.parse_args(argv)
     lora_options = {"--lora-rank": args.lora_rank, "--lora-alpha": args.lora_alpha, "--lora-targets": args.lora_targets,
@@ -721,6 +738,10 @@ def main(argv=None):
 
     # Data, model, optimizer and resume.
     train_set, val_set, steps = read_data(args, processor)
+    try:
+        vae = VQVAE.from_pretrained(args.vae) if args.vae else None
+    except (OSError, ValueError) as e:
+        fail(f"--vae: {e}")
     model, params = load_for_training(args, source, dtype, device)
     if args.no_final_softcap:
         model.config.text_config.final_logit_softcapping = None
@@ -754,7 +775,7 @@ def main(argv=None):
     def run_eval(step: int):
         if RANK == 0 and val_set:
             metrics, shown = evaluate(model, processor, val_set, args.batch_size, args.max_len,
-                                      args.eval_max_new_tokens, device, autocast)
+                                      args.eval_max_new_tokens, device, autocast, vae)
             numbers = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
                                 if not isinstance(v, dict))
             per_label = ", ".join(f"{label} {ap:.3f}" for label, ap in metrics.get("ap50_95", {}).items())

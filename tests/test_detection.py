@@ -22,16 +22,16 @@ def answer(boxes) -> str:
 def pycocotools_map(pairs) -> dict:
     """The same boxes (parsed as detection_map parses them, at image size 1) through pycocotools' COCOeval,
     every detection with score 1 and ids in the order of the images and the answers."""
-    labels = sorted({label for p, t in pairs for text in (p, t) for _, label in parse_detections(text, 1, 1)})
+    labels = sorted({d.label for p, t in pairs for text in (p, t) for d in parse_detections(text, 1, 1)})
     category = {label: i + 1 for i, label in enumerate(labels)}
     images, targets, detections = [], [], []
     for image_id, (predicted, target) in enumerate(pairs, 1):
         images.append(dict(id=image_id, width=1, height=1))
-        for (x1, y1, x2, y2), label in parse_detections(target, 1, 1):
+        for (x1, y1, x2, y2), label, *_ in parse_detections(target, 1, 1):
             box = [x1, y1, x2 - x1, y2 - y1]
             targets.append(dict(id=len(targets) + 1, image_id=image_id, category_id=category[label], bbox=box,
                                 area=box[2] * box[3], iscrowd=0))
-        for (x1, y1, x2, y2), label in parse_detections(predicted, 1, 1):
+        for (x1, y1, x2, y2), label, *_ in parse_detections(predicted, 1, 1):
             detections.append(dict(image_id=image_id, category_id=category[label], bbox=[x1, y1, x2 - x1, y2 - y1],
                                    score=1.0))
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress

@@ -95,19 +95,23 @@ def test_prompt_too_long(tiny):
         model.generate(batch["input_ids"], batch["pixel_values"], max_new_tokens=8190)
 
 
+def boxes(detections):
+    return [(d.box, d.label) for d in detections]
+
+
 def test_parse_detections():
     text = "<loc0100><loc0200><loc0300><loc0400> red circle ; <loc0000><loc0000><loc1023><loc0512> big blue square"
-    assert parse_detections(text, width=1024, height=512) == [
+    assert boxes(parse_detections(text, width=1024, height=512)) == [
         ((200.0, 50.0, 400.0, 150.0), "red circle"), ((0.0, 0.0, 512.0, 511.5), "big blue square")]
     seg = "<loc0100><loc0200><loc0300><loc0400>" + "<seg001>" * 16 + " cat"
-    assert parse_detections(seg, 1024, 1024) == [((200.0, 100.0, 400.0, 300.0), "cat")]
+    assert boxes(parse_detections(seg, 1024, 1024)) == [((200.0, 100.0, 400.0, 300.0), "cat")]
     for garbage in ("", "a cat", "<loc0100><loc0200> cat", "<loc0100><loc0200><loc0300", "<locabcd>" * 4 + " x",
                     "<loc0300><loc0200><loc0100><loc0400> upside down", ";;; <loc>",
                     "<loc0000><loc0000><loc1024><loc0512> past the last loc token",
                     "<loc0000><loc0000><loc0050><loc9999> x"):
         assert parse_detections(garbage, 100, 100) == [], garbage
     truncated = "<loc0100><loc0200><loc0300><loc0400> dog ; <loc0010><loc00"
-    assert parse_detections(truncated, 1024, 1024) == [((200.0, 100.0, 400.0, 300.0), "dog")]
+    assert boxes(parse_detections(truncated, 1024, 1024)) == [((200.0, 100.0, 400.0, 300.0), "dog")]
 
 
 def test_compiled_decode_step_compiles_once(mqa_checkpoint):

@@ -7,9 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+import infer
 from infer import draw_detections
+from processor import Detection
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,10 +72,49 @@ def test_errors_are_one_line_with_exit_code_2(case, mqa_checkpoint, images, tmp_
     assert "Traceback" not in r.stderr and r.stdout == ""
 
 
-def test_draw_detections_writes_a_png_of_the_image_size(tmp_path):
+def test_draw_detections_enlarges_small_images(tmp_path):
     image = Image.new("RGB", (123, 77), "grey")
-    drawn = draw_detections(image, [((10, 5, 60, 40), "red circle"), ((0, 0, 123, 77), "")])
+    drawn = draw_detections(image, [Detection((10, 5, 60, 40), "red circle"), Detection((0, 0, 123, 77), "")])
     drawn.save(tmp_path / "out.png")
     with Image.open(tmp_path / "out.png") as saved:
-        assert saved.size == (123, 77) and saved.format == "PNG"
+        assert saved.size == (4 * 123, 4 * 77) and saved.format == "PNG"  # under 512 pixels: drawn 4 times larger
         assert np.asarray(saved).std() > 0  # something was drawn on the uniform image
+
+
+def test_labels_stay_inside_the_image():
+    image = Image.new("RGB", (600, 400), "grey")
+    label = "a label far too long to fit at the right edge"
+    drawn = np.asarray(draw_detections(image, [Detection((590, 0, 599, 10), label)])).astype(int)
+    coloured = np.argwhere(np.abs(drawn - 128).sum(-1) > 0)
+    assert coloured[:, 1].min() < 590 - 100  # the label moved left to stay inside, and starts below the top
+    assert coloured[:, 0].min() >= 0 and drawn.shape == (400, 600, 3)
+
+
+def test_masks_are_drawn_from_seg_tokens(mqa_checkpoint, images, tmp_path, monkeypatch, capsys):
+    """An answer with <seg> tokens: its masks are decoded by the VQ-VAE (--vae) and drawn as fills; without
+    a VQ-VAE the boxes are still drawn and one line says why the masks are not."""
+    from paligemma import PaliGemma
+    from processor import Processor, parse_detections
+    from test_vqvae import vae_npz
+    from vqvae import VQVAE
+
+    arrays = vae_npz(tmp_path / "vae.npz")
+    np.savez(tmp_path / "vae.npz", **arrays | {"decoder.12.bias": np.array([0.35], np.float32)})  # some inside
+    answer = "<loc0100><loc0100><loc0900><loc0900>" + "".join(f"<seg{i * 7:03d}>" for i in range(16)) + " blob"
+    tokenizer = Processor.from_pretrained(mqa_checkpoint).tokenizer
+    monkeypatch.setattr(PaliGemma, "generate", lambda *a, **k: torch.tensor([tokenizer.encode(answer) + [1]]))
+    image = Image.open(images / "a.png").convert("RGB")
+    mask = parse_detections(answer, *image.size, vae=VQVAE.from_npz(tmp_path / "vae.npz"))[0].mask
+    assert 0 < mask.sum() < mask.size
+    infer.main(["--model", str(mqa_checkpoint), "--image", str(images / "a.png"), "--prompt", "segment blob",
+                "--out", str(tmp_path / "masks.png"), "--vae", str(tmp_path / "vae.npz")])
+    scale = round(512 / max(image.size))
+    drawn = np.asarray(Image.open(tmp_path / "masks.png")).astype(int)[::scale, ::scale]
+    changed = np.abs(drawn - np.asarray(image).astype(int)).sum(-1) > 0
+    assert changed[mask].mean() > 0.95 and changed[~mask].mean() < 0.5  # the fill covers the mask (and a box line)
+    assert "1 boxes and 1 masks drawn" in capsys.readouterr().err
+    infer.main(["--model", str(mqa_checkpoint), "--image", str(images / "a.png"), "--prompt", "segment blob",
+                "--out", str(tmp_path / "boxes.png"), "--vae", str(tmp_path / "nope.npz")])
+    err = capsys.readouterr().err
+    assert "masks, which are not drawn: " in err and "nope.npz: no such VQ-VAE file" in err
+    assert "1 boxes drawn" in err and (tmp_path / "boxes.png").exists()

@@ -45,9 +45,9 @@ def test_detect_suffix_parses_back_to_the_boxes():
     prefix, suffix = shapes.ask(scene, "detect", np.random.default_rng(1))
     found = parse_detections(suffix, shapes.SIZE, shapes.SIZE)
     expected = [s for s in sorted(scene, key=lambda s: s["box"][1]) if s["shape"] in prefix]
-    assert [label for _, label in found] == [s["shape"] for s in expected]
-    for (box, _), s in zip(found, expected):
-        assert np.allclose(box, s["box"], atol=shapes.SIZE / 1024 + 1e-9)
+    assert [d.label for d in found] == [s["shape"] for s in expected]
+    for d, s in zip(found, expected):
+        assert np.allclose(d.box, s["box"], atol=shapes.SIZE / 1024 + 1e-9)
 
 
 def test_committed_checkpoint_matches_transformers():

@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from processor import loc_tokens
+
 SIZE = 112
 SHAPES = ("circle", "square", "triangle")  # the default; "star" is drawn too
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (235, 200, 30),
@@ -76,11 +78,6 @@ def draw(scene: list[dict], rng: np.random.Generator | None = None) -> Image.Ima
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
 
 
-def loc(box) -> str:
-    x1, y1, x2, y2 = (min(1023, int(v / SIZE * 1024)) for v in box)
-    return f"<loc{y1:04d}><loc{x1:04d}><loc{y2:04d}><loc{x2:04d}>"
-
-
 def ask(scene: list[dict], task: str, rng: np.random.Generator, detect=None) -> tuple[str, str] | None:
     """(prefix, suffix) of one task about the scene, or None when the scene cannot answer it. `detect`:
     the one shape that detect questions ask about (default: one that is there, or all three)."""
@@ -104,7 +101,7 @@ def ask(scene: list[dict], task: str, rng: np.random.Generator, detect=None) -> 
     kinds = (detect,) if detect else SHAPES if rng.random() < 0.5 else (str(rng.choice(sorted({s["shape"] for s in scene}))),)
     found = sorted((s for s in scene if s["shape"] in kinds), key=lambda s: (s["box"][1], s["box"][0]))
     prefix = ALL_SHAPES_PROMPT if len(kinds) > 1 else f"detect {kinds[0]}"
-    return prefix, " ; ".join(f"{loc(s['box'])} {s['shape']}" for s in found)
+    return prefix, " ; ".join(f"{loc_tokens(s['box'], SIZE, SIZE)} {s['shape']}" for s in found)
 
 
 def write_split(out: Path, split: str, n: int, tasks: list[str], seed: int, shapes=SHAPES, detect=None):
