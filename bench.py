@@ -24,6 +24,7 @@ import torch
 import transformers
 
 from lora import ATTENTION, add_lora
+from gemma import GemmaConfig
 from paligemma import PaliGemma, PaliGemmaConfig
 from processor import count_targets
 from train import TRAINABLE, SuffixLossSum
@@ -178,6 +179,53 @@ def matvecs(device, dtype):
     return (lambda: [w @ x for _ in range(10)]), 10 * w.numel() * w.element_size()
 
 
+# PaliGemma 2's decoders (the vision tower is SigLIP So400m in all); 28B's queries scale by 144**-0.5
+PALIGEMMA2 = {"paligemma2-3b": dict(hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                                    num_attention_heads=8, num_key_value_heads=4, head_dim=256),
+              "paligemma2-10b": dict(hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
+                                     num_attention_heads=16, num_key_value_heads=8, head_dim=256),
+              "paligemma2-28b": dict(hidden_size=4608, intermediate_size=36864, num_hidden_layers=46,
+                                     num_attention_heads=32, num_key_value_heads=16, head_dim=128,
+                                     query_pre_attn_scalar=144)}
+
+
+def memory_per_process(model: PaliGemma, mode: str, processes: int, fsdp: bool, batch: int = 8,
+                       tokens: int = 280) -> dict[str, float]:
+    """GB a training process holds, from the model's shapes: frozen weights in bfloat16 (2 bytes each);
+    trainable ones in float32 with their gradients and AdamW's two moments (16 bytes each); under FSDP
+    all of it divided by the processes, plus one decoder layer gathered whole twice (the one running and
+    the one prefetched); and activations, estimated as 34 x hidden bytes per token and decoder layer
+    (Korthikanti et al., 2022, with memory-efficient attention; the frozen vision tower keeps none)."""
+    learns = (lambda name: ".lora_" in name) if mode == "lora" else TRAINABLE["attn"]
+    frozen = sum(p.numel() for n, p in model.named_parameters() if not learns(n))
+    trainable = sum(p.numel() for n, p in model.named_parameters() if learns(n))
+    state = 2 * frozen + 16 * trainable
+    layer = model.language_model.layers[0]
+    gathered = sum((4 if learns(f"language_model.layers.0.{n}") else 2) * p.numel() for n, p in layer.named_parameters())
+    text = model.config.text_config
+    activations = 34 * text.hidden_size * batch * tokens * text.num_hidden_layers
+    return dict(state=(state / processes + 2 * gathered if fsdp else state) / 1e9, activations=activations / 1e9)
+
+
+def memory_table():
+    """The README's table: GB per GPU for fine-tuning PaliGemma 2 at batch 8 per GPU, 224 px (~280 tokens)."""
+    print("GB per GPU: weights, gradients and optimizer state + activations (estimated), batch 8, 224 px")
+    print(f"{'':34} {'DDP, any':>10} " + " ".join(f"{f'FSDP {n}':>9}" for n in (2, 4, 8)))
+    for name, text in PALIGEMMA2.items():
+        config = PaliGemmaConfig(text_config=GemmaConfig(**text, post_norms=True, attn_logit_softcapping=50.0,
+                                                         final_logit_softcapping=30.0))
+        for mode, what in (("attn", "attention-only"), ("lora", "LoRA r=8 q/k/v/o")):
+            with torch.device("meta"):
+                model = PaliGemma(config)
+                if mode == "lora":
+                    add_lora(model, rank=8, alpha=16)
+            ddp = memory_per_process(model, mode, 1, fsdp=False)
+            row = [ddp["state"] + ddp["activations"]]
+            row += [sum(memory_per_process(model, mode, n, fsdp=True).values()) for n in (2, 4, 8)]
+            print(f"{name + ', ' + what:34} " + " ".join(f"{v:9.1f}" for v in row)
+                  + f"   (activations {ddp['activations']:.1f})")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: full on a GPU, cpu on a CPU")
@@ -187,7 +235,11 @@ def main():
                    help="compile the decoding of both sides (ours: decode_step; transformers: static cache)")
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="the GPU's dense bfloat16 peak, for MFU (H100/H200: 989)")
+    p.add_argument("--memory-table", action="store_true",
+                   help="print the memory per GPU of fine-tuning PaliGemma 2, computed from the shapes, and stop")
     args = p.parse_args()
+    if args.memory_table:
+        return memory_table()
     device = torch.device(args.device)
     preset = args.preset or ("full" if device.type == "cuda" else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -290,6 +290,34 @@ def checkpoint_tensors(folder: Path) -> dict[str, tuple[Path, list[int]]]:
     return found
 
 
+def read_checkpoint(folder: Path, expected: dict[str, list[int]]):
+    """The tensors of the checkpoint in `folder`, one at a time as stored: (our name, tensor on the CPU).
+    First, strictly: every name in `expected` must be there with its shape, and nothing else but the
+    unused pooling head and the tied lm_head; a mismatch is an error that names the tensors."""
+    found = {}  # our name -> (checkpoint key, file, shape)
+    for key, (file, shape) in checkpoint_tensors(folder).items():
+        if not (name := _rename(key, CHECKPOINT_PREFIXES)).startswith(UNUSED_PREFIXES):
+            found[name] = (key, file, shape)
+    missing = sorted(expected.keys() - found.keys())
+    unexpected = sorted(found[n][0] for n in found.keys() - expected.keys())
+    wrong = sorted(f"{found[n][0]} {found[n][2]} (expected {expected[n]})"
+                   for n in found.keys() & expected.keys() if found[n][2] != expected[n])
+    problems = [f"{what}: {_listing(names)}" for what, names in (
+        ("missing tensors", missing), ("unexpected tensors", unexpected), ("wrong shapes", wrong)) if names]
+    if problems:
+        raise ValueError(f"checkpoint {folder} does not match its config.json: " + "; ".join(problems))
+    by_file = {}  # file -> {our name: checkpoint key}
+    for name, (key, file, _) in found.items():
+        by_file.setdefault(file, {})[name] = key
+    for file, keys in by_file.items():
+        try:
+            with safe_open(file, framework="pt") as f:
+                for name, key in keys.items():
+                    yield name, f.get_tensor(key)
+        except (SafetensorError, OSError) as e:  # e.g. a file truncated after its header
+            raise ValueError(f"{file}: cannot be read ({e})") from None
+
+
 # ----------------------------------------------------------------------------------------------
 # The model
 
@@ -408,40 +436,18 @@ class PaliGemma(nn.Module):
                         device="cpu") -> "PaliGemma":
         """Loads a Hugging Face-format checkpoint from a local folder or a hub id, strictly.
 
-        Every tensor the model needs must be in the checkpoint with the right shape, and nothing else may
-        be there but the unused pooling head and the tied lm_head. Tensors are read one at a time and
-        converted straight to `dtype` on `device`; `dtype` may be a function of the parameter's name
-        (train.py reads the weights it trains in float32 and the frozen ones in the compute dtype).
+        Every tensor the model needs must be in the checkpoint with the right shape (see read_checkpoint).
+        Tensors are read one at a time and converted straight to `dtype` on `device`; `dtype` may be a
+        function of the parameter's name (train.py reads the weights it trains in float32 and the frozen
+        ones in the compute dtype).
         """
         folder = resolve_checkpoint(name_or_dir, ["config.json", "*.safetensors", "model.safetensors.index.json"])
         config = PaliGemmaConfig.from_json(folder / "config.json")
         with torch.device("meta"):  # no memory is allocated until the weights are read
             model = cls(config)
-        expected = {k: list(v.shape) for k, v in model.state_dict().items()}
-        found = {}  # our name -> (checkpoint key, file, shape)
-        for key, (file, shape) in checkpoint_tensors(folder).items():
-            if not (name := _rename(key, CHECKPOINT_PREFIXES)).startswith(UNUSED_PREFIXES):
-                found[name] = (key, file, shape)
-        missing = sorted(expected.keys() - found.keys())
-        unexpected = sorted(found[n][0] for n in found.keys() - expected.keys())
-        wrong = sorted(f"{found[n][0]} {found[n][2]} (expected {expected[n]})"
-                       for n in found.keys() & expected.keys() if found[n][2] != expected[n])
-        problems = [f"{what}: {_listing(names)}" for what, names in (
-            ("missing tensors", missing), ("unexpected tensors", unexpected), ("wrong shapes", wrong)) if names]
-        if problems:
-            raise ValueError(f"checkpoint {folder} does not match its config.json: " + "; ".join(problems))
         dtype_of = dtype if callable(dtype) else lambda name: dtype
-        by_file = {}  # file -> {our name: checkpoint key}
-        for name, (key, file, _) in found.items():
-            by_file.setdefault(file, {})[name] = key
-        state = {}
-        for file, keys in by_file.items():
-            try:
-                with safe_open(file, framework="pt") as f:
-                    for name, key in keys.items():
-                        state[name] = f.get_tensor(key).to(device=device, dtype=dtype_of(name))
-            except (SafetensorError, OSError) as e:  # e.g. a file truncated after its header
-                raise ValueError(f"{file}: cannot be read ({e})") from None
+        state = {name: tensor.to(device=device, dtype=dtype_of(name)) for name, tensor in
+                 read_checkpoint(folder, {name: list(t.shape) for name, t in model.state_dict().items()})}
         model.load_state_dict(state, strict=True, assign=True)
         return model.eval()
 

@@ -43,10 +43,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from PIL import Image
 from safetensors import SafetensorError, safe_open
 from torch import nn
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from cli import fail, number
@@ -398,7 +403,12 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     with open(path, "wb") as f:
         f.write(len(encoded).to_bytes(8, "little") + encoded)
         for t in tensors.values():
-            f.write(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().data)
+            f.write(whole(t).detach().to("cpu").contiguous().view(torch.uint8).numpy().data)
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """A tensor as it is, or a tensor sharded by --fsdp gathered whole (every process must take part)."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def write_atomically(path: Path, write):
@@ -430,24 +440,35 @@ def save_checkpoint(out: Path, source: Path, model: PaliGemma, optimizer, scaler
                     no_final_softcap: bool, lora_base: str | None = None):
     """The weights (an official-layout checkpoint, or with `lora_base` the adapter in PEFT's format) plus
     the train state of `step`, crash-consistent (see above). A failed write (a full disk) stops the run
-    with the previous checkpoint intact."""
+    with the previous checkpoint intact. Under --fsdp every process calls it: the optimizer state is
+    saved sharded, by torch.distributed.checkpoint, into optimizer-stepN/; the weights are gathered to
+    process 0 one tensor at a time, and process 0 writes the rest."""
+    sharded = options["fsdp"]
+    weights = official_state_dict(model) if lora_base is None else adapter_state(model)
     step_written = False
     try:
+        if sharded:  # the sharded optimizer state first: the train state names its folder
+            dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=out / f"optimizer-step{step}")
+        if RANK != 0:
+            for t in weights.values():
+                whole(t)  # take part in process 0's gathering
+            return
         if lora_base is None:
             write_config(out, source, no_final_softcap)
-            weights_file, weights = out / "model.safetensors", official_state_dict(model)
         else:
             config = adapter_config(model, lora_base)
             write_atomically(out / "adapter_config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
-            weights_file, weights = out / "adapter_model.safetensors", adapter_state(model)
-        state = dict(step=step, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), options=options)
+        state = dict(step=step, optimizer=f"optimizer-step{step}" if sharded else optimizer.state_dict(),
+                     scaler=scaler.state_dict(), options=options, processes=WORLD)
         write_atomically(out / NEXT_STATE, lambda tmp: torch.save(state, tmp))
+        weights_file = out / WEIGHTS[lora_base is not None]
         write_atomically(weights_file, lambda tmp: write_safetensors(tmp, weights, {"format": "pt", "step": str(step)}))
         step_written = True  # from here on, NEXT_STATE is the train state of the weights
         os.replace(out / NEXT_STATE, out / "train_state.pt")
         fsync_folder(out)
+        remove_leftovers(out, keep=state["optimizer"] if sharded else None)  # the optimizer states before
     except OSError as e:
-        if not step_written:
+        if not step_written and RANK == 0:
             (out / NEXT_STATE).unlink(missing_ok=True)
         fail(f"cannot save the checkpoint of step {step} in {out} ({e.strerror or e}); "
              "the checkpoint it held before, if any, is intact")
@@ -476,8 +497,9 @@ def fsync_folder(folder: Path):
         os.close(fd)
 
 
-def read_train_state(out: Path, device) -> dict:
-    """The train state of the step of the weights in `out`, finishing a save that a kill interrupted."""
+def read_train_state(out: Path, device) -> tuple[dict, str]:
+    """The train state of the step of the weights in `out`, and its file's name: train_state.pt, or
+    train_state.next.pt when a kill interrupted the save between its last two renames."""
     weights = out / next((name for name in WEIGHTS if (out / name).is_file()), WEIGHTS[0])
     try:
         with safe_open(weights, framework="pt") as f:
@@ -493,17 +515,19 @@ def read_train_state(out: Path, device) -> dict:
         except Exception as e:  # truncated or not a torch file: pickle, zip and torch raise many types
             fail(f"--resume: {out / name} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
         if state.get("step") == step:
-            if name == NEXT_STATE:  # killed between the last two renames of a save: finish it
-                os.replace(out / NEXT_STATE, out / "train_state.pt")
-            return state
+            return state, name
     fail(f"--resume: {out} holds weights of step {step} but no train state of that step")
 
 
-def remove_leftovers(out: Path):
-    """Temporary files of a save that a kill interrupted, and a train state that never took effect."""
+def remove_leftovers(out: Path, keep: str | None = None):
+    """Temporary files of a save that a kill interrupted, a train state that never took effect, and the
+    sharded optimizer states (optimizer-stepN/) but the one to `keep`."""
     for f in out.glob(".*.tmp"):
         f.unlink()
     (out / NEXT_STATE).unlink(missing_ok=True)
+    for folder in out.glob("optimizer-step*"):
+        if folder.name != keep:
+            shutil.rmtree(folder)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -548,6 +572,8 @@ def parse_args(argv=None):
     p.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute decoder layers in backward: less memory")
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard weights, gradients and optimizer state "
+                   "across the processes (FSDP2) instead of replicating the model in each")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="compute dtype and dtype "
                    "of frozen weights (default: bfloat16 on a GPU that supports it, else float32)")
     p.add_argument("--device", default=None, help="default: cuda, then mps, then cpu")
@@ -564,6 +590,9 @@ def parse_args(argv=None):
                     "--lora-dropout": args.lora_dropout, "--rslora": args.rslora or None, "--merge": args.merge or None}
     if args.trainable != "lora" and (given := [k for k, v in lora_options.items() if v is not None]):
         p.error(f"{', '.join(given)} only with --trainable lora")
+    if args.fsdp and (args.merge or args.dtype == "float16"):
+        p.error("--fsdp does not take --merge (merge the saved adapter with lora.merge_lora in one process) "
+                "nor --dtype float16 (use bfloat16)")
     if args.trainable == "lora" and args.no_final_softcap and not args.merge:
         p.error("--no-final-softcap with --trainable lora needs --merge: the adapter alone is served on the base "
                 "model's config, which has the soft-cap")
@@ -614,6 +643,8 @@ def setup(args) -> tuple[torch.device, torch.dtype]:
         device = resolve_device(args.device)
     except ValueError as e:
         fail(f"--{e}")
+    if args.fsdp and WORLD == 1:
+        fail("--fsdp shards across the processes torchrun starts: torchrun --nproc_per_node=N train.py ... --fsdp")
     if WORLD > 1:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -642,6 +673,28 @@ def load_for_training(args, source: Path, dtype, device) -> tuple[PaliGemma, lis
     return model, [p for p in model.parameters() if p.requires_grad]
 
 
+def shard(root: SuffixLossSum, device):
+    """--fsdp: FSDP2 (torch.distributed.fsdp.fully_shard) splits every parameter along its first dimension
+    across the processes; a unit's parameters are all-gathered just before it runs (and again in
+    backward) and its gradients reduce-scattered, so that a process holds 1/N of the weights, gradients
+    and optimizer state. The units are each SigLIP encoder layer, each Gemma decoder layer, and the rest
+    (embeddings, projector, norms) in the root, the training step's module. A unit mixes the float32
+    weights that learn with frozen ones in the compute dtype: FSDP2 (torch 2.13) gathers parameters of
+    several dtypes as bytes, and asks only that the trainable ones of a unit share a dtype, that of their
+    reduce-scattered gradients. Generation uses the layers outside the root's forward: for evaluation
+    the root is unsharded, and every process evaluates the same examples, so that the layers' gathers
+    happen in the same order everywhere."""
+    mesh = init_device_mesh(device.type, (WORLD,))
+    for layer in [*root.model.vision_tower.encoder.layers, *root.model.language_model.layers]:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(root, mesh=mesh)
+
+
+def held(tensors) -> float:
+    """MiB of the tensors held by this process (of a sharded one, its shard)."""
+    return sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in tensors) / 2**20
+
+
 def read_data(args, processor: Processor) -> tuple[list[dict], list[dict], int]:
     """The training and validation examples, every line and image checked, and the number of steps.
     A training example must leave room in --max-len for its answer."""
@@ -663,7 +716,8 @@ def read_data(args, processor: Processor) -> tuple[list[dict], list[dict], int]:
     return train_set, val_set, args.steps or max(1, int(args.epochs * len(train_set) // per_step))
 
 
-RESUME_MUST_MATCH = ("trainable", "optimizer", "lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "rslora")
+RESUME_MUST_MATCH = ("trainable", "optimizer", "lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "rslora",
+                     "fsdp")
 
 
 def run_options(args) -> dict:
@@ -671,8 +725,9 @@ def run_options(args) -> dict:
     return {name: getattr(args, name) for name in RESUME_MUST_MATCH}
 
 
-def optimizer_and_resume(args, params, device, dtype, steps: int):
-    """The optimizer and the float16 loss scaler, with their state and step read back under --resume."""
+def optimizer_and_resume(args, model, params, device, dtype, steps: int):
+    """The optimizer and the float16 loss scaler, with their state and step read back under --resume
+    (and the name of the train-state file, which a killed save may have left as train_state.next.pt)."""
     if args.optimizer == "adamw":
         optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     else:
@@ -680,8 +735,8 @@ def optimizer_and_resume(args, params, device, dtype, steps: int):
     # float16 gradients underflow without loss scaling (bfloat16 has float32's range and needs none)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     if not args.resume:
-        return optimizer, scaler, 0
-    state = read_train_state(args.out, device)
+        return optimizer, scaler, 0, None
+    state, state_file = read_train_state(args.out, device)
     for option, value in run_options(args).items():
         if state.get("options", {}).get(option, value) != value:
             show = lambda v: ",".join(v) if isinstance(v, tuple) else v  # noqa: E731
@@ -689,20 +744,32 @@ def optimizer_and_resume(args, params, device, dtype, steps: int):
                  f"not {show(value)}")
     if state["step"] >= steps:
         fail(f"--resume: {args.out} is at step {state['step']} already; ask for more --steps than that")
-    optimizer.load_state_dict(state["optimizer"])
+    if args.fsdp:  # saved sharded: each process reads its part
+        if state["processes"] != WORLD:
+            fail(f"--resume: {args.out} was saved by {state['processes']} processes under --fsdp, and its optimizer "
+                 f"state is sharded {state['processes']} ways: resume with torchrun --nproc_per_node="
+                 f"{state['processes']}, not {WORLD}")
+        sharded = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+        dcp.load(sharded, checkpoint_id=args.out / state["optimizer"])
+        set_optimizer_state_dict(model, optimizer, sharded["optimizer"])
+    else:
+        optimizer.load_state_dict(state["optimizer"])
     if state["scaler"] and scaler.is_enabled():  # empty when the run so far was not in float16
         scaler.load_state_dict(state["scaler"])
     log(f"resumed from {args.out} at step {state['step']}")
-    return optimizer, scaler, state["step"]
+    return optimizer, scaler, state["step"], state_file
 
 
-def prepare_out(args, start: int) -> Path:
-    """--out made ready for this run: leftovers of a killed save removed; with --overwrite, what of the
-    earlier run this one would not replace (its train state, a sharded model, weights of the other kind:
-    an adapter beside a config.json is taken for base + adapter); metrics.jsonl kept up to the step
-    resumed from. Returns the metrics file."""
+def prepare_out(args, start: int, state_file: str | None) -> Path:
+    """--out made ready for this run: a save that a kill interrupted finished (state_file is the train state
+    resumed from), its leftovers removed; with --overwrite, what of the earlier run this one would not
+    replace (its train state, a sharded model, weights of the other kind: an adapter beside a config.json
+    is taken for base + adapter); metrics.jsonl kept up to the step resumed from. Returns the metrics file."""
     args.out.mkdir(parents=True, exist_ok=True)
-    remove_leftovers(args.out)
+    if state_file == NEXT_STATE:
+        os.replace(args.out / NEXT_STATE, args.out / "train_state.pt")
+    resumed = torch.load(args.out / "train_state.pt", weights_only=True)["optimizer"] if state_file else None
+    remove_leftovers(args.out, keep=resumed if isinstance(resumed, str) else None)
     if args.overwrite:
         other = ("model.safetensors", "config.json") if args.trainable == "lora" else \
             ("adapter_model.safetensors", "adapter_config.json")
@@ -742,22 +809,25 @@ def main(argv=None):
         vae = VQVAE.from_pretrained(args.vae) if args.vae else None
     except (OSError, ValueError) as e:
         fail(f"--vae: {e}")
-    model, params = load_for_training(args, source, dtype, device)
+    model, params = load_for_training(args, source, dtype, torch.device("cpu") if args.fsdp else device)
     if args.no_final_softcap:
         model.config.text_config.final_logit_softcapping = None
+    root = SuffixLossSum(model)
+    if args.fsdp:  # before the optimizer, which must hold the shards
+        shard(root, device)
+        params = [p for p in model.parameters() if p.requires_grad]
     n_trainable, n_total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
     log(f"model: {n_total:,} parameters, {n_trainable:,} trainable ({args.trainable}), compute {dtype}, {device}"
-        + (f", {WORLD} processes" if WORLD > 1 else ""))
-    optimizer, scaler, start = optimizer_and_resume(args, params, device, dtype, steps)
-    metrics_file = prepare_out(args, start) if RANK == 0 else None
+        + (f", {WORLD} processes" if WORLD > 1 else "") + (", sharded (FSDP)" if args.fsdp else ""))
+    optimizer, scaler, start, state_file = optimizer_and_resume(args, model, params, device, dtype, steps)
+    barrier()  # every process has read the train state before process 0 tidies --out
+    metrics_file = prepare_out(args, start, state_file) if RANK == 0 else None
 
     # Wrapping: activation checkpointing, data parallelism, compilation.
     if args.grad_checkpointing:  # recompute each decoder layer's activations in backward
         for layer in model.language_model.layers:
             layer.forward = functools.partial(torch.utils.checkpoint.checkpoint, layer.forward, use_reentrant=False)
-    loss_model = SuffixLossSum(model)
-    if WORLD > 1:
-        loss_model = DistributedDataParallel(loss_model)
+    loss_model = DistributedDataParallel(root) if WORLD > 1 and not args.fsdp else root
     if args.compile:
         loss_model = torch.compile(loss_model)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
@@ -773,19 +843,23 @@ def main(argv=None):
                 f.write(json.dumps(entry) + "\n")
 
     def run_eval(step: int):
-        if RANK == 0 and val_set:
+        if val_set and (RANK == 0 or args.fsdp):  # under --fsdp, every process evaluates alike (see shard)
+            if args.fsdp:
+                root.unshard()
             metrics, shown = evaluate(model, processor, val_set, args.batch_size, args.max_len,
                                       args.eval_max_new_tokens, device, autocast, vae)
+            if args.fsdp:
+                root.reshard()
             numbers = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
                                 if not isinstance(v, dict))
             per_label = ", ".join(f"{label} {ap:.3f}" for label, ap in metrics.get("ap50_95", {}).items())
             log(f"eval step {step}: {numbers}", *([f"  AP@50:95 per label: {per_label}"] if per_label else []),
                 *shown, sep="\n")
-            record(dict(step=step, **metrics))
+            record(dict(step=step, **metrics))  # by process 0 only
         barrier()
 
     def save(step: int):
-        if RANK == 0:
+        if RANK == 0 or args.fsdp:  # under --fsdp every process gathers and saves its optimizer shard
             save_checkpoint(args.out, source, model, optimizer, scaler, step, run_options(args), args.no_final_softcap,
                             lora_base)
         barrier()
@@ -827,7 +901,8 @@ def main(argv=None):
             loss_sum = torch.zeros((), device=device)
             for i, batch in enumerate(micro):
                 last = i == args.grad_accum - 1  # DDP all-reduces gradients on the last micro-batch only
-                with (loss_model.no_sync() if WORLD > 1 and not last else contextlib.nullcontext()), autocast:
+                ddp_waits = WORLD > 1 and not args.fsdp and not last
+                with (loss_model.no_sync() if ddp_waits else contextlib.nullcontext()), autocast:
                     loss = loss_model(**batch)
                 scaler.scale(loss * WORLD / n_targets).backward()  # DDP averages over processes: the mean is global
                 loss_sum += loss.detach()
@@ -849,6 +924,9 @@ def main(argv=None):
             optimizer.zero_grad(set_to_none=True)
 
             # Log, evaluate, save; stop when a signal came (in any process).
+            if done == start + 1:
+                log(f"memory of process 0: weights {held(model.parameters()):.2f} MiB, optimizer state "
+                    f"{held(t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)):.2f} MiB")
             if done % args.log_every == 0 or done == steps:
                 now = time.perf_counter()
                 per_step_s = (now - t_log) / (done - logged_step)

@@ -93,7 +93,7 @@ def test_a_kill_at_every_file_operation_of_a_save(trained, data, tmp_path):
         status = in_child(lambda: (count_or_kill(at, []), resume(out, data, 4)))
         assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (at, status)
         PaliGemma.from_pretrained(out)  # loads, whatever the instant of the kill
-        resumed_from.add(int(train.read_train_state(out, "cpu")["step"]))
+        resumed_from.add(int(train.read_train_state(out, "cpu")[0]["step"]))
         resume(out, data, 4)
         state = PaliGemma.from_pretrained(out).state_dict()
         assert all(torch.equal(state[k], expected[k]) for k in expected), f"killed before {operations[at]}"
@@ -149,7 +149,7 @@ def test_sigterm_to_the_process_group_saves_and_exits_143(mqa_checkpoint, data, 
     assert proc.returncode == 143, err
     assert "SIGTERM: saving at the end of this step" in out and "continue with --resume" in out, out + err
     assert group_ends(proc.pid)
-    step = int(train.read_train_state(tmp_path / "o", "cpu")["step"])
+    step = int(train.read_train_state(tmp_path / "o", "cpu")[0]["step"])
     assert f"stopped at step {step}" in out
     PaliGemma.from_pretrained(tmp_path / "o")
 
@@ -185,6 +185,6 @@ def test_sigterm_to_a_torchrun_job(mqa_checkpoint, data, tmp_path):
     os.killpg(proc.pid, signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0 and group_ends(proc.pid)
-    step = int(train.read_train_state(tmp_path / "o", "cpu")["step"])
+    step = int(train.read_train_state(tmp_path / "o", "cpu")[0]["step"])
     assert f"saved {tmp_path / 'o'} at step {step}" in out and f"stopped at step {step}" in out, out
     PaliGemma.from_pretrained(tmp_path / "o")

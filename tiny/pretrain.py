@@ -77,6 +77,16 @@ def random_checkpoint(folder: Path, tokenizer: Path, seed: int) -> Path:
             nn.init.normal_(module.weight, std=0.02)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
+    # The patches' position embeddings start as a 2-D sine-cosine code of their row and column (as MAE's
+    # fixed ones), at std 0.02: where a patch lies is known before training starts.
+    vision = model.config.vision_config
+    side, quarter = vision.image_size // vision.patch_size, vision.hidden_size // 4
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")  # row-major, as the patches
+    omega = torch.linspace(math.pi / side, math.pi, quarter)
+    angles = [g.flatten()[:, None].float() * omega for g in (rows, cols)]
+    code = torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1)  # (patches, hidden)
+    with torch.no_grad():
+        model.vision_tower.embeddings.position_embedding.weight.copy_(code * 0.02 / code.std())
     # Box coordinates <loc0000>..<loc1023> start from a smooth code of their value (sines and cosines of
     # k/1024 at 8 frequencies, projected at random to the embedding width, std 0.02 as the rest): near
     # coordinates start near each other, and since the output head is the embedding, a nearly right

@@ -14,7 +14,9 @@ example asks one question about it, in a task PaliGemma knows:
                                                         -> "<loc0123><loc0045><loc0400><loc0321> circle ; ..."
 
 `--detect star` asks detect questions about stars alone (in scenes that hold one), for fine-tuning a
-model to detect a shape that its pretraining never asked about.
+model to detect a shape that its pretraining never asked about. `--coco` writes the scenes as a COCO
+instance-segmentation export instead (OUT/train/ and OUT/valid/, as Roboflow lays it out), which
+`python processor.py --coco` turns into `segment <shape>` examples.
 
 Boxes are y_min, x_min, y_max, x_max in 1024ths of the image, as PaliGemma writes them. The files
 are `_annotations.train.jsonl` and `_annotations.valid.jsonl` (Roboflow's names, which train.py finds)
@@ -53,25 +55,30 @@ def random_scene(rng: np.random.Generator, shapes=SHAPES) -> list[dict]:
     return scene
 
 
+def outline(shape: dict) -> list[tuple[float, float]]:
+    """The polygon of a shape, in pixels, filling its box (x2 and y2 exclusive): what is drawn, and the
+    segmentation of a COCO export."""
+    x1, y1, x2, y2 = shape["box"]
+    if shape["shape"] == "square":
+        return [(x1, y1), (x2 - 1, y1), (x2 - 1, y2 - 1), (x1, y2 - 1)]
+    if shape["shape"] == "triangle":
+        return [((x1 + x2 - 1) / 2, y1), (x2 - 1, y2 - 1), (x1, y2 - 1)]
+    if shape["shape"] == "circle":
+        angles, radii = np.arange(48) * np.pi / 24, np.ones(48)
+    else:  # star: five points, the inner corners at 0.4 of the radius
+        angles, radii = np.arange(10) * np.pi / 5, np.array([1, 0.4] * 5)
+    px, py = radii * np.sin(angles), -radii * np.cos(angles)  # stretched to the box
+    px = x1 + (px - px.min()) / np.ptp(px) * (x2 - 1 - x1)
+    py = y1 + (py - py.min()) / np.ptp(py) * (y2 - 1 - y1)
+    return list(zip(px.tolist(), py.tolist()))
+
+
 def draw(scene: list[dict], rng: np.random.Generator | None = None) -> Image.Image:
     """The scene on a grey background; with `rng`, plus pixel noise."""
     image = Image.new("RGB", (SIZE, SIZE), (128, 128, 128))
     pen = ImageDraw.Draw(image)
     for s in scene:
-        x1, y1, x2, y2 = s["box"]
-        colour = COLOURS[s["colour"]]
-        if s["shape"] == "circle":
-            pen.ellipse((x1, y1, x2 - 1, y2 - 1), fill=colour)
-        elif s["shape"] == "square":
-            pen.rectangle((x1, y1, x2 - 1, y2 - 1), fill=colour)
-        elif s["shape"] == "star":  # five points, the inner corners at 0.4 of the radius, stretched to the box
-            angles, radii = np.arange(10) * np.pi / 5, np.array([1, 0.4] * 5)
-            px, py = radii * np.sin(angles), -radii * np.cos(angles)
-            px = x1 + (px - px.min()) / np.ptp(px) * (x2 - 1 - x1)
-            py = y1 + (py - py.min()) / np.ptp(py) * (y2 - 1 - y1)
-            pen.polygon(list(zip(px, py)), fill=colour)
-        else:
-            pen.polygon([((x1 + x2 - 1) / 2, y1), (x2 - 1, y2 - 1), (x1, y2 - 1)], fill=colour)
+        pen.polygon(outline(s), fill=COLOURS[s["colour"]])
     if rng is None:
         return image
     noisy = np.asarray(image, dtype=np.int16) + rng.normal(0, 8, (SIZE, SIZE, 3)).astype(np.int16)
@@ -119,6 +126,29 @@ def write_split(out: Path, split: str, n: int, tasks: list[str], seed: int, shap
     (out / f"_annotations.{split}.jsonl").write_text("\n".join(lines) + "\n")
 
 
+def write_coco(out: Path, split: str, n: int, seed: int, shapes=SHAPES):
+    """n scenes as Roboflow's "COCO Segmentation" export lays them out: OUT/SPLIT/ with the images and
+    _annotations.coco.json, each shape an instance with its box and polygon."""
+    rng = np.random.default_rng([seed, ("train", "valid").index(split), 1])
+    folder = out / split
+    folder.mkdir(parents=True, exist_ok=True)
+    categories = [dict(id=0, name="shapes", supercategory="none")]  # Roboflow's dataset-level category
+    categories += [dict(id=i + 1, name=shape, supercategory="shapes") for i, shape in enumerate(shapes)]
+    images, annotations = [], []
+    for i in range(n):
+        scene = random_scene(rng, shapes)
+        name = f"{split}-{i:05d}.jpg"
+        draw(scene, rng).save(folder / name, quality=92)
+        images.append(dict(id=i, file_name=name, width=SIZE, height=SIZE))
+        for s in scene:
+            x1, y1, x2, y2 = s["box"]
+            annotations.append(dict(id=len(annotations), image_id=i, category_id=shapes.index(s["shape"]) + 1,
+                                    bbox=[x1, y1, x2 - x1, y2 - y1], area=(x2 - x1) * (y2 - y1), iscrowd=0,
+                                    segmentation=[[round(v, 2) for point in outline(s) for v in point]]))
+    (folder / "_annotations.coco.json").write_text(json.dumps(dict(images=images, annotations=annotations,
+                                                                   categories=categories)))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
@@ -129,6 +159,8 @@ def main(argv=None):
     p.add_argument("--train", type=int, default=1000, help="training examples")
     p.add_argument("--valid", type=int, default=100, help="validation examples")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--coco", action="store_true", help="write a COCO segmentation export (OUT/train/, OUT/valid/) "
+                   "instead of JSONL; processor.py --coco turns it into segment examples")
     args = p.parse_args(argv)
     tasks, shapes = args.tasks.split(","), tuple(args.shapes.split(","))
     if unknown := set(tasks) - set(TASKS):
@@ -138,8 +170,12 @@ def main(argv=None):
     if args.detect is not None and args.detect not in shapes:
         p.error(f"--detect {args.detect}: not among --shapes {args.shapes}")
     for split, n in (("train", args.train), ("valid", args.valid)):
-        write_split(args.out, split, n, tasks, args.seed, shapes, args.detect)
-    print(f"{args.out}: {args.train} training and {args.valid} validation examples ({', '.join(tasks)})")
+        if args.coco:
+            write_coco(args.out, split, n, args.seed, shapes)
+        else:
+            write_split(args.out, split, n, tasks, args.seed, shapes, args.detect)
+    what = "COCO segmentation export" if args.coco else ", ".join(tasks)
+    print(f"{args.out}: {args.train} training and {args.valid} validation images ({what})")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,130 @@
+"""Trains the tiny mask VQ-VAE in tiny/vae-tiny.npz, offline, on shape masks.
+
+    python -m tiny.mask_vae          # about 3 minutes on 2 CPU cores
+
+big_vision's vae-oid.npz (the VQ-VAE that PaliGemma's <seg> tokens were made with) comes from the hub,
+which these machines cannot reach. This trains one of the same architecture, narrower (codebook 128 x 32,
+8 to 64 channels), on the masks of the shapes of tiny/shapes.py and of random polygons and ellipses, each
+cut to its box and resized to 64x64 as processor.segment_tokens cuts a mask, and saves it under
+vae-oid's array names, so that vqvae.VQVAE.from_npz loads it. The objective is the VQ-VAE's (van den Oord
+et al., 2017): the masks' cross-entropy through a straight-through quantizer, plus the codebook and
+commitment terms; codes that no mask uses are moved to encoder outputs now and then.
+"""
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+from tiny import shapes
+from vqvae import VQVAE
+
+CODEBOOK, WIDTH = (128, 32), 64  # the codebook, and the widest layer
+ENCODER = [(16, 1, 4), (32, 16, 4), (64, 32, 4), (64, 64, 4)]  # encoder.0/2/4/6: (out, in, kernel)
+DECODER_UP = [(64, 64), (64, 32), (32, 16), (16, 8)]  # decoder.4/6/8/10: (in, out), 4x4 kernels
+
+
+def architecture() -> dict[str, tuple]:
+    """{array name: shape} of the tiny VQ-VAE, under vae-oid.npz's names."""
+    shapes_ = {"_vq_vae._embedding": CODEBOOK}
+
+    def conv(name, out_channels, in_channels, k, transposed=False):
+        shapes_[f"{name}.weight"] = (in_channels, out_channels, k, k) if transposed else (out_channels, in_channels, k, k)
+        shapes_[f"{name}.bias"] = (out_channels,)
+
+    def resblock(name):
+        conv(f"{name}.net.0", WIDTH, WIDTH, 3), conv(f"{name}.net.2", WIDTH, WIDTH, 3), conv(f"{name}.net.4", WIDTH, WIDTH, 1)
+    for i, (out_channels, in_channels, k) in zip((0, 2, 4, 6), ENCODER):
+        conv(f"encoder.{i}", out_channels, in_channels, k)
+    resblock("encoder.8"), resblock("encoder.9"), conv("encoder.10", CODEBOOK[1], WIDTH, 1)
+    conv("decoder.0", WIDTH, CODEBOOK[1], 1), resblock("decoder.2"), resblock("decoder.3")
+    for i, (in_channels, out_channels) in zip((4, 6, 8, 10), DECODER_UP):
+        conv(f"decoder.{i}", out_channels, in_channels, 4, transposed=True)
+    conv("decoder.12", 1, DECODER_UP[-1][1], 1)
+    return shapes_
+
+
+def random_mask(rng: np.random.Generator) -> np.ndarray:
+    """One object's mask cut to its box and resized to 64x64, in [0, 1]: a shape of tiny/shapes.py, or a
+    random polygon or ellipse, stretched, turned or cut by the image's edge."""
+    canvas = Image.new("L", (128, 128))
+    kind = rng.integers(3)
+    if kind == 0:  # a shape as the dataset draws it
+        w, h = (int(v) for v in rng.integers(16, 100, 2)) if rng.random() < 0.3 else (int(rng.integers(16, 100)),) * 2
+        x, y = (int(v) for v in rng.integers(0, 128 - max(w, h), 2))
+        points = shapes.outline(dict(shape=str(rng.choice(["circle", "square", "triangle", "star"])),
+                                     box=(x, y, x + w, y + h)))
+    else:  # a random polygon (kind 1) or ellipse (kind 2), turned
+        n = int(rng.integers(3, 9)) if kind == 1 else 40
+        angles = np.sort(rng.uniform(0, 2 * np.pi, n)) if kind == 1 else np.linspace(0, 2 * np.pi, n, endpoint=False)
+        radii = rng.uniform(0.5, 1, n) if kind == 1 else np.ones(n)
+        sx, sy, turn = rng.uniform(15, 60), rng.uniform(15, 60), rng.uniform(0, np.pi)
+        px, py = radii * np.cos(angles) * sx, radii * np.sin(angles) * sy
+        cx, cy = rng.uniform(20, 108, 2)  # near the edge, the object is cut
+        points = list(zip(cx + px * np.cos(turn) - py * np.sin(turn), cy + px * np.sin(turn) + py * np.cos(turn)))
+    ImageDraw.Draw(canvas).polygon(points, fill=255)
+    mask = np.asarray(canvas)
+    ys, xs = np.nonzero(mask)
+    if len(xs) < 20:
+        return random_mask(rng)
+    crop = Image.fromarray(mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1]).resize((64, 64), Image.BILINEAR)
+    return np.asarray(crop, dtype=np.float32) / 255
+
+
+def train(steps: int, batch_size: int, seed: int) -> VQVAE:
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = VQVAE(architecture())
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            torch.nn.init.zeros_(p)
+        elif p.dim() == 4:
+            torch.nn.init.kaiming_uniform_(p, nonlinearity="relu")
+    batch = lambda: torch.from_numpy(np.stack([random_mask(rng) for _ in range(batch_size)]))  # noqa: E731
+    with torch.no_grad():  # the codebook starts at encoder outputs
+        z = model.encoder_output(batch()).permute(0, 2, 3, 1).reshape(-1, CODEBOOK[1])
+        model._vq_vae._embedding.copy_(z[torch.randperm(len(z))[:CODEBOOK[0]]])
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    used, start = torch.zeros(CODEBOOK[0]), time.perf_counter()
+    for step in range(1, steps + 1):
+        masks = batch()
+        z = model.encoder_output(masks)  # (B, D, 4, 4)
+        codes = model.nearest_codes(z.detach())  # (B, 16)
+        q = model._vq_vae._embedding[codes].view(len(z), 4, 4, -1).permute(0, 3, 1, 2)
+        logits = model.decoder_output(z + (q - z).detach())  # straight through the quantizer
+        loss = F.binary_cross_entropy_with_logits(logits, masks) + F.mse_loss(q, z.detach()) \
+            + 0.25 * F.mse_loss(z, q.detach())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        used += torch.bincount(codes.flatten(), minlength=CODEBOOK[0])
+        if step % 200 == 0:
+            with torch.no_grad():  # codes no mask used move to recent encoder outputs
+                dead = (used == 0).nonzero().flatten()
+                flat = z.detach().permute(0, 2, 3, 1).reshape(-1, CODEBOOK[1])
+                model._vq_vae._embedding[dead] = flat[torch.randint(len(flat), (len(dead),))]
+                iou = (((logits > 0) & (masks > 0.5)).sum() / ((logits > 0) | (masks > 0.5)).sum()).item()
+            print(f"step {step}/{steps}: loss {loss.item():.4f}, mask IoU {iou:.3f}, {len(dead)} unused codes "
+                  f"moved, {time.perf_counter() - start:.0f} s", flush=True)
+            used.zero_()
+    return model.eval()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "vae-tiny.npz")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    model = train(args.steps, args.batch_size, args.seed)
+    np.savez(args.out, **{name: t.detach().numpy() for name, t in model.state_dict().items()})
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
