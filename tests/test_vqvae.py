@@ -150,20 +150,22 @@ def test_strict_loading_names_what_is_wrong(tmp_path):
 
 
 def test_tiny_vae_round_trip():
-    """The committed tiny VQ-VAE (tiny/mask_vae.py) on masks of the dataset's shapes, cut to their boxes:
-    decode(encode(mask)) gives the mask back, and encode(decode(codes)) the codes back."""
+    """The committed tiny VQ-VAE (tiny/mask_vae.py) on masks of the kind it was trained on: decode(encode(mask))
+    gives the mask back, and encode(decode(codes)) codes that decode to the same mask (not always the same
+    codes: several codebook rows draw alike)."""
     from pathlib import Path
 
     from tiny import mask_vae
 
     vae = VQVAE.from_npz(Path(__file__).resolve().parent.parent / "tiny" / "vae-tiny.npz")
     masks = torch.from_numpy(np.stack([mask_vae.random_mask(np.random.default_rng(i)) for i in range(64)]))
+    iou = lambda a, b: ((a & b).sum((1, 2)) / (a | b).sum((1, 2)))  # noqa: E731
     with torch.no_grad():
         codes = vae.encode(masks)
         decoded = vae.decode(codes) > 0
         again = vae.encode(decoded.float())
-    inside = masks > 0.5
-    ious = (decoded & inside).sum((1, 2)) / (decoded | inside).sum((1, 2))
+        redrawn = vae.decode(again) > 0
+    ious, same = iou(decoded, masks > 0.5), iou(redrawn, decoded)
     print(f"tiny VQ-VAE: mask IoU after a round trip {ious.mean():.3f} (worst {ious.min():.3f}); "
-          f"codes kept by encode(decode(codes)) {(again == codes).float().mean():.1%}")
-    assert ious.mean() > 0.9 and (again == codes).float().mean() > 0.9
+          f"encode(decode(codes)): {(again == codes).float().mean():.0%} the same codes, mask IoU {same.mean():.3f}")
+    assert ious.mean() > 0.9 and same.mean() > 0.95
