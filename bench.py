@@ -201,7 +201,8 @@ def memory_per_process(model: PaliGemma, mode: str, processes: int, fsdp: bool, 
     trainable = sum(p.numel() for n, p in model.named_parameters() if learns(n))
     state = 2 * frozen + 16 * trainable
     layer = model.language_model.layers[0]
-    gathered = sum((4 if learns(f"language_model.layers.0.{n}") else 2) * p.numel() for n, p in layer.named_parameters())
+    gathered = sum((4 if learns(f"language_model.layers.0.{n}") else 2) * p.numel()
+                   for n, p in layer.named_parameters())
     text = model.config.text_config
     activations = 34 * text.hidden_size * batch * tokens * text.num_hidden_layers
     return dict(state=(state / processes + 2 * gathered if fsdp else state) / 1e9, activations=activations / 1e9)
@@ -335,7 +336,7 @@ def main():
         v = config.vision_config
         vision = v.num_hidden_layers * (4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size)
         # forward everywhere; backward: input gradients through the decoder, weight gradients of attention only
-        flops = 2 * 8 * n_image * vision + 2 * tokens * decoder + 2 * tokens * decoder + 2 * tokens * n_trainable["attn"]
+        flops = 2 * 8 * n_image * vision + 4 * tokens * decoder + 2 * tokens * n_trainable["attn"]
         mfu = flops / train_time["attn"]["ours"] / (args.peak_tflops * 1e12)
         print(f"train step model-FLOPs utilisation (ours, approximate): {mfu:.1%} of {args.peak_tflops:g} TFLOPS")
 

@@ -74,7 +74,8 @@ def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16, targets=ATTENTI
     """Wraps the language model's linear layers whose names end in one of `targets` and freezes every
     other parameter; returns the names of the trainable tensors (each layer's lora_A and lora_B)."""
     if unknown := set(targets) - set(ATTENTION + MLP):
-        raise ValueError(f"LoRA targets {sorted(unknown)}: the decoder's linear layers are {', '.join(ATTENTION + MLP)}")
+        raise ValueError(f"LoRA targets {sorted(unknown)}: the decoder's linear layers are "
+                         f"{', '.join(ATTENTION + MLP)}")
     if rank < 1:
         raise ValueError(f"LoRA rank must be at least 1, not {rank}")
     for p in model.parameters():
@@ -138,9 +139,10 @@ def read_adapter_config(folder) -> dict:
     unsupported = {"bias": "none", "use_dora": False, "fan_in_fan_out": False, "modules_to_save": None,
                    "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None}
     for key, plain in unsupported.items():
-        if config.get(key, plain) not in (plain, [] if plain is None else plain):
+        if config.get(key, plain) not in (plain, []):  # peft writes [] or null for "all layers"
             raise ValueError(f"{path}: {key} = {config[key]!r} is not supported (only plain LoRA: {key} = {plain!r})")
-    if not isinstance(config.get("r"), int) or config["r"] < 1 or not isinstance(config.get("lora_alpha"), (int, float)):
+    if not isinstance(config.get("r"), int) or config["r"] < 1 \
+            or not isinstance(config.get("lora_alpha"), (int, float)):
         raise ValueError(f"{path}: r must be an integer >= 1 and lora_alpha a number")
     return config
 
@@ -159,13 +161,13 @@ def load_adapter(model: nn.Module, folder) -> list[str]:
                 tensors[key] = f.get_tensor(key)
     except Exception as e:  # missing, truncated or not safetensors
         raise ValueError(f"{file}: cannot be read ({e})") from None
+    modules = dict(model.named_modules())
     layers, bad = {}, []  # our layer name -> {"lora_A": tensor, "lora_B": tensor}
     for key, tensor in tensors.items():
         m = re.fullmatch(r"(.+)\.(lora_[AB])(?:\.default)?\.weight", key)
         prefix = next((p for p in PEFT_NAMES if key.startswith(p)), None)
         name = m and prefix and PEFT_NAMES[prefix] + m.group(1)[len(prefix):]
-        module = model.get_submodule(name) if name and _has_module(model, name) else None
-        if not isinstance(module, nn.Linear):
+        if not isinstance(modules.get(name), nn.Linear):
             bad.append(key)
             continue
         layers.setdefault(name, {})[m.group(2)] = tensor
@@ -174,7 +176,7 @@ def load_adapter(model: nn.Module, folder) -> list[str]:
     for name, pair in layers.items():
         if set(pair) != {"lora_A", "lora_B"}:
             raise ValueError(f"{file}: {name} has {' and '.join(pair)} but not both lora_A and lora_B")
-        layer = model.get_submodule(name)
+        layer = modules[name]
         if isinstance(layer, LoRALinear):
             raise ValueError(f"{name} has a LoRA adapter already; merge_lora it first")
         rank = config["r"]
@@ -192,14 +194,6 @@ def load_adapter(model: nn.Module, folder) -> list[str]:
             wrapped.lora_A.weight.copy_(pair["lora_A"])
             wrapped.lora_B.weight.copy_(pair["lora_B"])
     return [n for n, p in model.named_parameters() if ".lora_" in n]
-
-
-def _has_module(model: nn.Module, name: str) -> bool:
-    try:
-        model.get_submodule(name)
-        return True
-    except AttributeError:
-        return False
 
 
 @torch.no_grad()

@@ -1,16 +1,20 @@
 """Fine-tune PaliGemma on your own JSONL data. By default only the decoder's attention trains.
 
     python train.py --data dataset/_annotations.train.jsonl --out ckpt/
+    python train.py --data dataset/_annotations.train.jsonl --out ckpt/ --trainable lora      # PEFT adapters
     torchrun --nproc_per_node=4 train.py --data train.jsonl --out ckpt/      # data-parallel, 4 GPUs
+    torchrun --nproc_per_node=8 train.py --data train.jsonl --out ckpt/ --fsdp   # sharded, for 10B / 28B
 
 Data: one JSON object per line, {"image": "relative/to/the/jsonl.jpg", "prefix": "answer en ...",
 "suffix": "..."}: the format of Roboflow's PaliGemma export and of big_vision. The loss is the mean
 next-token cross-entropy over the suffix and <eos> tokens of the batch, with the output head applied
-only at those positions. Trainable weights are kept in float32 and the frozen ones in the compute
-dtype, with autocast (and loss scaling in float16, for GPUs without bfloat16). `--out` receives a
-checkpoint in the official Hugging Face layout (config.json, model.safetensors, tokenizer files) that
-`infer.py`, `PaliGemma.from_pretrained` and transformers load, plus train_state.pt (optimizer state
-and step) for `--resume`.
+only at those positions. Trainable weights (or LoRA adapters, lora.py) are kept in float32 and the
+frozen ones in the compute dtype, with autocast (and loss scaling in float16, for GPUs without
+bfloat16). `--out` receives a checkpoint in the official Hugging Face layout (config.json,
+model.safetensors, tokenizer files) that `infer.py`, `PaliGemma.from_pretrained` and transformers load
+(with LoRA: the adapter in PEFT's format), plus train_state.pt (optimizer state and step) for
+`--resume`. Evaluation scores answers by exact match, COCO box mAP (detect and segment prompts) and
+mask IoU (segment prompts, with a VQ-VAE).
 
 Nothing is lost: bad data and options are refused before training starts; a checkpoint is never
 written over its source model, nor over an earlier run unless --resume or --overwrite says so; a
@@ -19,10 +23,10 @@ save is crash-consistent (killed at any instant, --out still loads and resumes);
 and a second Ctrl-C stops at once; a non-finite loss stops before anything is written.
 
 The file reads as the script runs: the data, the model and its loss, evaluation, checkpoints, the
-options, then `main` in named steps (setup, data, model, optimizer and resume, the training loop).
+options, then `main` in named steps (setup, data, model, sharding, optimizer and resume, the training
+loop, the final evaluation).
 
-What it is not: a general trainer. No mixed datasets, no evaluation beyond exact match, COCO box mAP and
-mask IoU.
+What it is not: a general trainer. One dataset at a time, AdamW or SGD, a cosine schedule.
 """
 
 import argparse
@@ -448,7 +452,8 @@ def save_checkpoint(out: Path, source: Path, model: PaliGemma, optimizer, scaler
     step_written = False
     try:
         if sharded:  # the sharded optimizer state first: the train state names its folder
-            dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=out / f"optimizer-step{step}")
+            dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)},
+                     checkpoint_id=out / f"optimizer-step{step}")
         if RANK != 0:
             for t in weights.values():
                 whole(t)  # take part in process 0's gathering
@@ -550,7 +555,8 @@ def parse_args(argv=None):
                    help="LoRA scale alpha; the update is scaled by alpha / r (default 16)")
     p.add_argument("--lora-targets", type=lora_targets, default=None,
                    help=f"comma-separated, of {', '.join(ATTENTION + MLP)} (default: {','.join(ATTENTION)})")
-    p.add_argument("--lora-dropout", type=number(float, 0, 0.99), default=None, help="on the adapters' input (default 0)")
+    p.add_argument("--lora-dropout", type=number(float, 0, 0.99), default=None,
+                   help="on the adapters' input (default 0)")
     p.add_argument("--rslora", action="store_true", help="scale by alpha / sqrt(r) (rank-stabilised LoRA)")
     p.add_argument("--merge", action="store_true", help="LoRA: also write the merged model into OUT/merged/ at the end")
     p.add_argument("--steps", type=number(int, 1), default=None, help="optimizer steps (default: --epochs)")
@@ -726,8 +732,9 @@ def run_options(args) -> dict:
 
 
 def optimizer_and_resume(args, model, params, device, dtype, steps: int):
-    """The optimizer and the float16 loss scaler, with their state and step read back under --resume
-    (and the name of the train-state file, which a killed save may have left as train_state.next.pt)."""
+    """The optimizer and the float16 loss scaler, with their state read back under --resume, and what
+    prepare_out needs of the train state: {"step", "file" (train_state.next.pt if a kill interrupted
+    a save), "optimizer" (the folder of a sharded optimizer state, or None)}, or None."""
     if args.optimizer == "adamw":
         optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     else:
@@ -735,7 +742,7 @@ def optimizer_and_resume(args, model, params, device, dtype, steps: int):
     # float16 gradients underflow without loss scaling (bfloat16 has float32's range and needs none)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     if not args.resume:
-        return optimizer, scaler, 0, None
+        return optimizer, scaler, None
     state, state_file = read_train_state(args.out, device)
     for option, value in run_options(args).items():
         if state.get("options", {}).get(option, value) != value:
@@ -757,19 +764,20 @@ def optimizer_and_resume(args, model, params, device, dtype, steps: int):
     if state["scaler"] and scaler.is_enabled():  # empty when the run so far was not in float16
         scaler.load_state_dict(state["scaler"])
     log(f"resumed from {args.out} at step {state['step']}")
-    return optimizer, scaler, state["step"], state_file
+    return optimizer, scaler, dict(step=state["step"], file=state_file,
+                                   optimizer=state["optimizer"] if args.fsdp else None)
 
 
-def prepare_out(args, start: int, state_file: str | None) -> Path:
-    """--out made ready for this run: a save that a kill interrupted finished (state_file is the train state
-    resumed from), its leftovers removed; with --overwrite, what of the earlier run this one would not
-    replace (its train state, a sharded model, weights of the other kind: an adapter beside a config.json
-    is taken for base + adapter); metrics.jsonl kept up to the step resumed from. Returns the metrics file."""
+def prepare_out(args, resumed: dict | None) -> Path:
+    """--out made ready for this run: a save that a kill interrupted finished, its leftovers removed; with
+    --overwrite, what of the earlier run this one would not replace (its train state, a sharded model,
+    weights of the other kind: an adapter beside a config.json is taken for base + adapter);
+    metrics.jsonl kept up to the step resumed from. Returns the metrics file."""
     args.out.mkdir(parents=True, exist_ok=True)
-    if state_file == NEXT_STATE:
+    if resumed and resumed["file"] == NEXT_STATE:
         os.replace(args.out / NEXT_STATE, args.out / "train_state.pt")
-    resumed = torch.load(args.out / "train_state.pt", weights_only=True)["optimizer"] if state_file else None
-    remove_leftovers(args.out, keep=resumed if isinstance(resumed, str) else None)
+    remove_leftovers(args.out, keep=resumed and resumed["optimizer"])
+    start = resumed["step"] if resumed else 0
     if args.overwrite:
         other = ("model.safetensors", "config.json") if args.trainable == "lora" else \
             ("adapter_model.safetensors", "adapter_config.json")
@@ -779,7 +787,8 @@ def prepare_out(args, start: int, state_file: str | None) -> Path:
         removed = [name for name in dict.fromkeys(stale) if (args.out / name).is_file()]
         for name in removed:
             (args.out / name).unlink()
-        log(f"--overwrite: {args.out}'s earlier run is replaced" + (f"; removed {', '.join(removed)}" if removed else ""))
+        log(f"--overwrite: {args.out}'s earlier run is replaced"
+            + (f"; removed {', '.join(removed)}" if removed else ""))
     metrics_file = args.out / "metrics.jsonl"
     lines = metrics_file.read_text().splitlines() if args.resume and metrics_file.exists() else []
     metrics_file.write_text("".join(line + "\n" for line in lines if json.loads(line).get("step", 0) <= start))
@@ -819,9 +828,10 @@ def main(argv=None):
     n_trainable, n_total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
     log(f"model: {n_total:,} parameters, {n_trainable:,} trainable ({args.trainable}), compute {dtype}, {device}"
         + (f", {WORLD} processes" if WORLD > 1 else "") + (", sharded (FSDP)" if args.fsdp else ""))
-    optimizer, scaler, start, state_file = optimizer_and_resume(args, model, params, device, dtype, steps)
+    optimizer, scaler, resumed = optimizer_and_resume(args, model, params, device, dtype, steps)
+    start = resumed["step"] if resumed else 0
     barrier()  # every process has read the train state before process 0 tidies --out
-    metrics_file = prepare_out(args, start, state_file) if RANK == 0 else None
+    metrics_file = prepare_out(args, resumed) if RANK == 0 else None
 
     # Wrapping: activation checkpointing, data parallelism, compilation.
     if args.grad_checkpointing:  # recompute each decoder layer's activations in backward

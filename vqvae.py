@@ -50,8 +50,8 @@ def _conv(shape) -> nn.Conv2d:
 class ResBlock(nn.Module):
     def __init__(self, shapes: dict, name: str):
         super().__init__()
-        self.net = nn.Sequential(_conv(shapes[f"{name}.net.0.weight"]), nn.ReLU(), _conv(shapes[f"{name}.net.2.weight"]),
-                                 nn.ReLU(), _conv(shapes[f"{name}.net.4.weight"]))
+        conv = lambda i: _conv(shapes[f"{name}.net.{i}.weight"])  # noqa: E731
+        self.net = nn.Sequential(conv(0), nn.ReLU(), conv(2), nn.ReLU(), conv(4))
 
     def forward(self, x):
         h = F.relu(conv_same(self.net[0], x))

@@ -16,7 +16,8 @@ LABELS = ["cat", "dog", "car"]
 
 def answer(boxes) -> str:
     """(y1, x1, y2, x2 in loc units, label) -> PaliGemma's answer text."""
-    return " ; ".join(f"<loc{y1:04d}><loc{x1:04d}><loc{y2:04d}><loc{x2:04d}> {label}" for y1, x1, y2, x2, label in boxes)
+    return " ; ".join(f"<loc{y1:04d}><loc{x1:04d}><loc{y2:04d}><loc{x2:04d}> {label}"
+                      for y1, x1, y2, x2, label in boxes)
 
 
 def pycocotools_map(pairs) -> dict:
@@ -36,7 +37,8 @@ def pycocotools_map(pairs) -> dict:
                                    score=1.0))
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
         gt = COCO()
-        gt.dataset = dict(images=images, annotations=targets, categories=[dict(id=i, name=n) for n, i in category.items()])
+        categories = [dict(id=i, name=n) for n, i in category.items()]
+        gt.dataset = dict(images=images, annotations=targets, categories=categories)
         gt.createIndex()
         evaluation = COCOeval(gt, gt.loadRes(detections) if detections else COCO(), "bbox")
         evaluation.evaluate()

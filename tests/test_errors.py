@@ -53,7 +53,8 @@ OPTIONS = [
     (["--steps", "ten"], "argument --steps: 'ten' is not an integer"),
     (["--device", "nonsense"], "--device 'nonsense' is not a device name"),
     (["--device", "cuda:99"], "--device 'cuda:99': this machine has"),
-    *([(["--device", "cuda"], "--device 'cuda': this machine has no CUDA GPU")] if not torch.cuda.is_available() else []),
+    *([(["--device", "cuda"], "--device 'cuda': this machine has no CUDA GPU")]
+      if not torch.cuda.is_available() else []),
     *([(["--device", "mps"], "--device 'mps': MPS")] if not torch.backends.mps.is_available() else []),
 ]
 
@@ -131,7 +132,8 @@ def test_out_not_writable(mqa_checkpoint, data, tmp_path, capsys, monkeypatch):
     (tmp_path / "ro").mkdir()
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != tmp_path / "ro" and real_access(p, mode))
-    line = one_line_error(capsys, train.main, ["--data", data, "--model", mqa_checkpoint, "--out", tmp_path / "ro" / "o"])
+    line = one_line_error(capsys, train.main, ["--data", data, "--model", mqa_checkpoint, "--out",
+                                               tmp_path / "ro" / "o"])
     assert "is not writable (permission denied)" in line
 
 
@@ -151,7 +153,8 @@ def test_resume_checks(trained, data, tmp_path, capsys):
         capsys, train.main, args + ["--out", out, "--optimizer", "sgd"])
     out = shutil.copytree(trained, tmp_path / "truncated")
     (out / "train_state.pt").write_bytes((out / "train_state.pt").read_bytes()[:1000])
-    assert f"--resume: {out / 'train_state.pt'} cannot be read" in one_line_error(capsys, train.main, args + ["--out", out])
+    expected = f"--resume: {out / 'train_state.pt'} cannot be read"
+    assert expected in one_line_error(capsys, train.main, args + ["--out", out])
     out = shutil.copytree(trained, tmp_path / "done")
     assert "is at step 2 already" in one_line_error(capsys, train.main, args + ["--out", out, "--steps", "2"])
 

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import infer
-from conftest import PREFIXES, SUFFIXES, TOL, fresh_checkpoint, hf_model, make_dataset, max_diff_on_tokens, random_images
+from conftest import (PREFIXES, SUFFIXES, TOL, fresh_checkpoint, hf_model, make_dataset, max_diff_on_tokens,
+                      random_images)
 from lora import MLP, add_lora, load_adapter, merge_lora, save_adapter
 from paligemma import PaliGemma
 from processor import Processor
@@ -137,7 +138,8 @@ def test_train_lora_learns_resumes_and_merges(run_train, mqa_checkpoint, tmp_pat
         adapted = PaliGemma.from_pretrained(mqa_checkpoint)
         load_adapter(adapted, out)
         ours = adapted(**inputs)
-        assert max_diff_on_tokens(ours, PaliGemma.from_pretrained(mqa_checkpoint)(**inputs), batch["attention_mask"]) > 1e-2
+        base = PaliGemma.from_pretrained(mqa_checkpoint)(**inputs)
+        assert max_diff_on_tokens(ours, base, batch["attention_mask"]) > 1e-2
         merged = PaliGemma.from_pretrained(out / "merged")(**inputs)
         theirs = hf_model(out / "merged")(**inputs, labels=batch["labels"]).logits
     assert max_diff_on_tokens(merged, ours, batch["attention_mask"]) <= TOL
@@ -145,7 +147,8 @@ def test_train_lora_learns_resumes_and_merges(run_train, mqa_checkpoint, tmp_pat
 
     # Resumed after step 12, the adapter equals the uninterrupted run's.
     import train
-    monkeypatch.setattr(train, "log", lambda *a, **k: train.STOP.append(2) if str(a[0]).startswith("step 12/") else None)
+    monkeypatch.setattr(train, "log",
+                        lambda *a, **k: train.STOP.append(2) if str(a[0]).startswith("step 12/") else None)
     with pytest.raises(SystemExit):
         run_train(tmp_path / "resumed", *args, data=handful)
     monkeypatch.undo()

@@ -65,7 +65,8 @@ def test_coco_export_to_jsonl(vae, tmp_path):
     square = np.zeros((48, 64), dtype=bool)
     square[2:12, 30:40] = True
     export = {
-        "images": [dict(id=1, file_name="a.jpg", width=64, height=48), dict(id=2, file_name="b.jpg", width=64, height=48)],
+        "images": [dict(id=1, file_name="a.jpg", width=64, height=48),
+                   dict(id=2, file_name="b.jpg", width=64, height=48)],
         "categories": [dict(id=0, name="animals"), dict(id=1, name="cat"), dict(id=2, name="dog")],
         "annotations": [
             dict(id=1, image_id=1, category_id=1, bbox=[4, 4, 20, 16], segmentation=[[4, 4, 24, 4, 14, 20]]),
@@ -85,8 +86,8 @@ def test_coco_export_to_jsonl(vae, tmp_path):
                     "--out", str(tmp_path / "train.jsonl")])
     lines = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
     # one line per image and class, the classes and instances top to bottom
-    assert [(e["image"], e["prefix"]) for e in lines] == [("export/a.jpg", "segment dog"),
-                                                         ("export/a.jpg", "segment cat"), ("export/b.jpg", "segment cat")]
+    assert [(e["image"], e["prefix"]) for e in lines] == [
+        ("export/a.jpg", "segment dog"), ("export/a.jpg", "segment cat"), ("export/b.jpg", "segment cat")]
     one_object = r"(<loc\d{4}>){4}(<seg\d{3}>){16} "
     assert re.fullmatch(f"{one_object}dog", lines[0]["suffix"])
     assert re.fullmatch(f"{one_object}cat ; {one_object}cat", lines[1]["suffix"])

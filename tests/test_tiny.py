@@ -51,12 +51,19 @@ def test_detect_suffix_parses_back_to_the_boxes():
 
 
 def test_committed_checkpoint_matches_transformers():
+    """The trained tiny model's logits reach ~14 (a random checkpoint's ~1), and float32 rounding grows with them
+    (measured: 1.8e-5 apart, ours 1.9e-5 and transformers' 2.7e-5 from a float64 run). So the bound is relative
+    to the largest logit, and ours must be no further from the float64 logits than transformers' are."""
     batch = Processor.from_pretrained(TINY)(random_images(2), ["caption en", "detect circle ; square ; triangle"])
     inputs = {k: batch[k] for k in ("input_ids", "pixel_values", "attention_mask", "token_type_ids")}
+    model = PaliGemma.from_pretrained(TINY)
     with torch.no_grad():
-        ours = PaliGemma.from_pretrained(TINY)(**inputs)
+        ours = model(**inputs)
         theirs = hf_model(TINY)(**inputs).logits
-    assert (ours - theirs)[batch["attention_mask"].bool()].abs().max() < 1e-5
+        exact = model.double()(**{k: v.double() if v.is_floating_point() else v for k, v in inputs.items()})
+    valid = batch["attention_mask"].bool()
+    assert (ours - theirs)[valid].abs().max() <= 2e-6 * theirs[valid].abs().max()
+    assert (ours - exact)[valid].abs().max() <= (theirs - exact)[valid].abs().max()
 
 
 def test_quick_start_end_to_end(tmp_path):
@@ -75,3 +82,40 @@ def test_quick_start_end_to_end(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "<loc" in r.stdout and png.exists(), r.stdout + r.stderr
+
+
+def test_detection_quick_start(tmp_path):
+    """The README's detection quick start, shortened: stars, which the tiny model was never asked to detect."""
+    data = tmp_path / "star"
+    shapes.main(["--out", str(data), "--shapes", "circle,square,triangle,star", "--tasks", "detect", "--detect",
+                 "star", "--train", "32", "--valid", "8"])
+    lines = (data / "_annotations.valid.jsonl").read_text().splitlines()
+    assert all('"detect star"' in line and " star" in line for line in lines)
+    for trainable in (["--trainable", "attn"], ["--trainable", "lora", "--lora-rank", "16"]):
+        out = tmp_path / trainable[1]
+        r = subprocess.run([sys.executable, ROOT / "train.py", "--data", data / "_annotations.train.jsonl", "--model",
+                            TINY, "--out", out, "--steps", "2", "--batch-size", "16", "--eval-every", "2",
+                            *trainable], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0 and "map50" in r.stdout and "AP@50:95 per label: star" in r.stdout, r.stderr[-3000:]
+    r = subprocess.run([sys.executable, ROOT / "infer.py", "--model", tmp_path / "lora", "--image",
+                        data / "images" / "valid-00000.jpg", "--prompt", "detect star"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "with the adapter" in r.stderr, r.stderr
+
+
+def test_segmentation_quick_start(tmp_path):
+    """The README's segmentation quick start, shortened: a COCO export of shapes, turned into segment examples
+    with the tiny VQ-VAE, fine-tuned with mask IoU in the evaluation."""
+    data = tmp_path / "seg"
+    shapes.main(["--out", str(data), "--coco", "--train", "16", "--valid", "4"])
+    for split in ("train", "valid"):
+        r = subprocess.run([sys.executable, ROOT / "processor.py", "--coco", data / split / "_annotations.coco.json",
+                            "--vae", ROOT / "tiny" / "vae-tiny.npz"], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+    example = (data / "train" / "annotations.jsonl").read_text().splitlines()[0]
+    assert '"prefix": "segment ' in example and "<seg" in example
+    r = subprocess.run([sys.executable, ROOT / "train.py", "--data", data / "train" / "annotations.jsonl", "--model",
+                        TINY, "--out", tmp_path / "out", "--trainable", "all", "--steps", "2", "--batch-size", "8",
+                        "--vae", ROOT / "tiny" / "vae-tiny.npz", "--max-len", "96"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "mask_iou" in r.stdout, r.stderr[-3000:]

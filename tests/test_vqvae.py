@@ -21,7 +21,8 @@ def vae_npz(path, down_kernel: int = 4, codebook_dim: int = 512, seed: int = 0):
     shapes = {"_vq_vae._embedding": (128, codebook_dim)}
 
     def conv(name, out_channels, in_channels, k, transposed=False):
-        shapes[f"{name}.weight"] = (in_channels, out_channels, k, k) if transposed else (out_channels, in_channels, k, k)
+        shapes[f"{name}.weight"] = (in_channels if transposed else out_channels,
+                                    out_channels if transposed else in_channels, k, k)
         shapes[f"{name}.bias"] = (out_channels,)
 
     def resblock(name, channels):

@@ -33,11 +33,13 @@ def architecture() -> dict[str, tuple]:
     shapes_ = {"_vq_vae._embedding": CODEBOOK}
 
     def conv(name, out_channels, in_channels, k, transposed=False):
-        shapes_[f"{name}.weight"] = (in_channels, out_channels, k, k) if transposed else (out_channels, in_channels, k, k)
+        shapes_[f"{name}.weight"] = (in_channels if transposed else out_channels,
+                                     out_channels if transposed else in_channels, k, k)
         shapes_[f"{name}.bias"] = (out_channels,)
 
     def resblock(name):
-        conv(f"{name}.net.0", WIDTH, WIDTH, 3), conv(f"{name}.net.2", WIDTH, WIDTH, 3), conv(f"{name}.net.4", WIDTH, WIDTH, 1)
+        for i, k in ((0, 3), (2, 3), (4, 1)):
+            conv(f"{name}.net.{i}", WIDTH, WIDTH, k)
     for i, (out_channels, in_channels, k) in zip((0, 2, 4, 6), ENCODER):
         conv(f"encoder.{i}", out_channels, in_channels, k)
     resblock("encoder.8"), resblock("encoder.9"), conv("encoder.10", CODEBOOK[1], WIDTH, 1)

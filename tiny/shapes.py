@@ -105,7 +105,8 @@ def ask(scene: list[dict], task: str, rng: np.random.Generator, detect=None) -> 
     # detect: one kind of shape that is there, or all three kinds; boxes top to bottom
     if detect is not None and all(s["shape"] != detect for s in scene):
         return None
-    kinds = (detect,) if detect else SHAPES if rng.random() < 0.5 else (str(rng.choice(sorted({s["shape"] for s in scene}))),)
+    present = sorted({s["shape"] for s in scene})
+    kinds = (detect,) if detect else SHAPES if rng.random() < 0.5 else (str(rng.choice(present)),)
     found = sorted((s for s in scene if s["shape"] in kinds), key=lambda s: (s["box"][1], s["box"][0]))
     prefix = ALL_SHAPES_PROMPT if len(kinds) > 1 else f"detect {kinds[0]}"
     return prefix, " ; ".join(f"{loc_tokens(s['box'], SIZE, SIZE)} {s['shape']}" for s in found)
