@@ -40,12 +40,13 @@ def draw_detections(image: Image.Image, detections: list[Detection]) -> Image.Im
     above its box where there is room, else inside it, and never leaves the image."""
     scale = max(1, round(512 / max(image.size)))
     canvas = to_rgb(image).resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+    line = max(2, canvas.height // 250)
     overlay = Image.new("RGBA", canvas.size)
     for i, d in enumerate(detections):
         if d.mask is not None:
             mask = Image.fromarray(d.mask.astype(np.uint8) * 255).resize(canvas.size, Image.Resampling.NEAREST)
-            overlay.paste((*COLOURS[i % len(COLOURS)], 100), mask=mask)
-            edge = ImageChops.subtract(mask, mask.filter(ImageFilter.MinFilter(3)))
+            overlay.paste((*COLOURS[i % len(COLOURS)], 120), mask=mask)
+            edge = ImageChops.subtract(mask, mask.filter(ImageFilter.MinFilter(2 * line + 1)))
             overlay.paste((*COLOURS[i % len(COLOURS)], 255), mask=edge)
     canvas = Image.alpha_composite(canvas.convert("RGBA"), overlay).convert("RGB")
     draw = ImageDraw.Draw(canvas)
@@ -53,7 +54,7 @@ def draw_detections(image: Image.Image, detections: list[Detection]) -> Image.Im
     for i, d in enumerate(detections):
         colour = COLOURS[i % len(COLOURS)]
         x1, y1, x2, y2 = (v * scale for v in d.box)
-        draw.rectangle((x1, y1, x2, y2), outline=colour, width=max(2, canvas.height // 250))
+        draw.rectangle((x1, y1, x2, y2), outline=colour, width=line)
         if d.label:
             left, top, right, bottom = draw.textbbox((0, 0), d.label, font=font)
             w, h = right - left + 6, bottom - top + 6
