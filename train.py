@@ -660,6 +660,21 @@ def setup(args) -> tuple[torch.device, torch.dtype]:
     return device, getattr(torch, args.dtype) if args.dtype else default_dtype(device)
 
 
+def checkpoint_source(args) -> tuple[Path, str | None]:
+    """The folder whose weights and tokenizer this run starts from: --model (a folder, or a hub id
+    downloaded), or under --resume the run in --out; with LoRA, always the base model, whose name the
+    adapter records (returned second: a hub id or a folder's absolute path; None without LoRA)."""
+    lora_base = None
+    if args.trainable == "lora" and args.resume:
+        lora_base = read_adapter_config(args.out)["base_model_name_or_path"]
+    elif args.trainable == "lora":
+        local = Path(args.model).expanduser()
+        lora_base = str(local.resolve()) if local.is_dir() else args.model
+    if args.resume and not lora_base:
+        return args.out, None
+    return resolve_checkpoint(lora_base or args.model, ["*.json", "*.safetensors", "tokenizer.model"]), lora_base
+
+
 def load_for_training(args, source: Path, dtype, device) -> tuple[PaliGemma, list[nn.Parameter]]:
     """The model with its trainable parameters in float32 (read from the checkpoint's own precision) and
     the rest frozen in the compute dtype; with LoRA, the whole base is frozen and the adapters are new
@@ -795,19 +810,54 @@ def prepare_out(args, resumed: dict | None) -> Path:
     return metrics_file
 
 
+def wrap(args, model: SuffixLossSum) -> nn.Module:
+    """The training step's module: activation checkpointing, data parallelism (DDP; --fsdp has sharded it
+    already), compilation."""
+    if args.grad_checkpointing:  # recompute each decoder layer's activations in backward
+        for layer in model.model.language_model.layers:
+            layer.forward = functools.partial(torch.utils.checkpoint.checkpoint, layer.forward, use_reentrant=False)
+    if WORLD > 1 and not args.fsdp:
+        model = DistributedDataParallel(model)
+    return torch.compile(model) if args.compile else model
+
+
+def training_loader(args, train_set: list[dict], processor: Processor, start: int, steps: int):
+    """The micro-batches of steps start..steps-1, collated in worker processes."""
+    sampler = list(micro_batches(len(train_set), args.batch_size, args.grad_accum, args.seed, start, steps))
+    return torch.utils.data.DataLoader(
+        train_set, batch_sampler=sampler, collate_fn=functools.partial(collate, processor=processor,
+                                                                       max_len=args.max_len),
+        num_workers=min(4, os.cpu_count() or 1), worker_init_fn=ignore_signals)
+
+
+def stop_on_signals(out: Path):
+    """Ctrl-C or SIGTERM: STOP records it, and the loop saves at the end of the step and stops; a second
+    Ctrl-C stops at once (the last checkpoint stays intact: saves are crash-consistent)."""
+    def on_signal(signum, frame):
+        if STOP and signum == signal.SIGINT:
+            print(f"stopped at once; the last checkpoint in {out}, if any, is intact", file=sys.stderr, flush=True)
+            os._exit(130)
+        STOP.append(signum)
+        log(f"{signal.Signals(signum).name}: saving at the end of this step, then stopping (Ctrl-C again: at once)")
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+
+
+def append_metrics(metrics_file: Path | None, entry: dict):
+    """A line of OUT/metrics.jsonl (written by process 0, whose metrics_file is not None)."""
+    if metrics_file is not None:
+        with open(metrics_file, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+
 def main(argv=None):
     args = parse_args(argv)
 
     # Setup: --out checked before anything is loaded; the device and processes; the tokenizer.
     check_out(args)
     device, dtype = setup(args)
-    lora_base = None  # with LoRA: the base checkpoint, as the adapter records it (a folder or a hub id)
     try:
-        if args.trainable == "lora":
-            lora_base = read_adapter_config(args.out)["base_model_name_or_path"] if args.resume else \
-                str(Path(args.model).expanduser().resolve()) if Path(args.model).expanduser().is_dir() else args.model
-        source = args.out if args.resume and not lora_base else \
-            resolve_checkpoint(lora_base or args.model, ["*.json", "*.safetensors", "tokenizer.model"])
+        source, lora_base = checkpoint_source(args)
         processor = Processor.from_pretrained(source)
     except (OSError, ValueError) as e:
         fail(str(e))
@@ -833,24 +883,11 @@ def main(argv=None):
     barrier()  # every process has read the train state before process 0 tidies --out
     metrics_file = prepare_out(args, resumed) if RANK == 0 else None
 
-    # Wrapping: activation checkpointing, data parallelism, compilation.
-    if args.grad_checkpointing:  # recompute each decoder layer's activations in backward
-        for layer in model.language_model.layers:
-            layer.forward = functools.partial(torch.utils.checkpoint.checkpoint, layer.forward, use_reentrant=False)
-    loss_model = DistributedDataParallel(root) if WORLD > 1 and not args.fsdp else root
-    if args.compile:
-        loss_model = torch.compile(loss_model)
+    # Wrapping, the data loader, the signals.
+    loss_model = wrap(args, root)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    loader = torch.utils.data.DataLoader(
-        train_set, batch_sampler=list(micro_batches(len(train_set), args.batch_size, args.grad_accum, args.seed,
-                                                    start, steps)),
-        collate_fn=functools.partial(collate, processor=processor, max_len=args.max_len),
-        num_workers=min(4, os.cpu_count() or 1), worker_init_fn=ignore_signals)
-
-    def record(entry: dict):
-        if RANK == 0:
-            with open(metrics_file, "a") as f:
-                f.write(json.dumps(entry) + "\n")
+    loader = training_loader(args, train_set, processor, start, steps)
+    stop_on_signals(args.out)
 
     def run_eval(step: int):
         if val_set and (RANK == 0 or args.fsdp):  # under --fsdp, every process evaluates alike (see shard)
@@ -865,7 +902,7 @@ def main(argv=None):
             per_label = ", ".join(f"{label} {ap:.3f}" for label, ap in metrics.get("ap50_95", {}).items())
             log(f"eval step {step}: {numbers}", *([f"  AP@50:95 per label: {per_label}"] if per_label else []),
                 *shown, sep="\n")
-            record(dict(step=step, **metrics))  # by process 0 only
+            append_metrics(metrics_file, dict(step=step, **metrics))
         barrier()
 
     def save(step: int):
@@ -873,15 +910,6 @@ def main(argv=None):
             save_checkpoint(args.out, source, model, optimizer, scaler, step, run_options(args), args.no_final_softcap,
                             lora_base)
         barrier()
-
-    def on_signal(signum, frame):
-        if STOP and signum == signal.SIGINT:  # a second Ctrl-C: at once; the last checkpoint stays intact
-            print(f"stopped at once; the last checkpoint in {args.out}, if any, is intact", file=sys.stderr, flush=True)
-            os._exit(130)
-        STOP.append(signum)
-        log(f"{signal.Signals(signum).name}: saving at the end of this step, then stopping (Ctrl-C again: at once)")
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, on_signal)
 
     # The training loop.
     with contextlib.closing(batches_of(loader)) as batches:  # the loader's workers stop with the loop
@@ -944,7 +972,7 @@ def main(argv=None):
                 minutes_left = (steps - done) * (now - t_start) / (done - start) / 60
                 log(f"step {done}/{steps}: loss {loss:.4f}, lr {lr:.2e}, {tokens_since_log / (now - t_log):.0f} tok/s, "
                     f"{per_step_s:.2f} s/step{memory}, {minutes_left:.1f} min left")
-                record(dict(step=done, loss=loss, lr=lr, seconds_per_step=per_step_s))
+                append_metrics(metrics_file, dict(step=done, loss=loss, lr=lr, seconds_per_step=per_step_s))
                 t_log, logged_step, tokens_since_log = now, done, 0
             if args.eval_every and done % args.eval_every == 0 and done != steps:
                 run_eval(done)
