@@ -19,6 +19,7 @@ import errno
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -251,12 +252,16 @@ def loc_tokens(box, width: int, height: int) -> str:
                    ((y1, height), (x1, width), (y2, height), (x2, width)))
 
 
-def segment_tokens(mask: np.ndarray, box, vae) -> str:
+def segment_tokens(mask: np.ndarray, box, vae) -> str | None:
     """One object's mask (H, W) bool and box (x1, y1, x2, y2, pixels) -> its box and 16 <seg> tokens, as
-    big_vision encodes them: the mask cut to the box (whole pixels), resized to 64x64 bilinearly (PIL
-    antialiases when it shrinks), in [0, 1], encoded by the VQ-VAE."""
+    big_vision encodes them: the box cut to the image, the mask cut to the box (whole pixels), resized to
+    64x64 bilinearly (PIL antialiases when it shrinks), in [0, 1], encoded by the VQ-VAE. None when the
+    box holds no whole pixel of the image."""
     height, width = mask.shape
+    box = (max(0, box[0]), max(0, box[1]), min(width, box[2]), min(height, box[3]))
     x1, y1, x2, y2 = (int(round(v)) for v in box)
+    if x2 <= x1 or y2 <= y1:
+        return None
     crop = Image.fromarray(mask[y1:y2, x1:x2].astype(np.uint8) * 255).resize((64, 64), Image.BILINEAR)
     with torch.no_grad():
         codes = vae.encode(torch.from_numpy(np.asarray(crop, dtype=np.float32) / 255)[None])[0]
@@ -298,29 +303,27 @@ def coco_mask(segmentation, height: int, width: int) -> np.ndarray:
     return np.asarray(image, dtype=bool)
 
 
-def coco_segmentation_examples(coco_json: Path, vae) -> list[dict]:
+def coco_segmentation_examples(data: dict, vae):
     """A COCO instance-segmentation export (Roboflow's "COCO Segmentation": _annotations.coco.json beside the
-    images) as train.py's examples: one per image and class, prefix `segment <class>`, suffix each
-    instance's box, 16 <seg> tokens and ` <class>`, joined with ` ; ` as PaliGemma writes them."""
-    try:
-        data = json.loads(coco_json.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{coco_json}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    images), read as JSON, as train.py's examples. Yields, image by image, (examples, skipped): one example
+    per class, prefix `segment <class>`, suffix each instance's box, 16 <seg> tokens and ` <class>`, joined
+    with ` ; ` as PaliGemma writes them; skipped counts the instances whose box holds no whole pixel."""
     names = {c["id"]: c["name"] for c in data["categories"]}
     by_image = {}
     for a in data["annotations"]:
         by_image.setdefault(a["image_id"], []).append(a)
-    examples = []
     for image in data["images"]:
         height, width = image["height"], image["width"]
-        by_class = {}
+        by_class, skipped = {}, 0
         for a in sorted(by_image.get(image["id"], []), key=lambda a: (a["bbox"][1], a["bbox"][0])):
             x, y, w, h = a["bbox"]
             tokens = segment_tokens(coco_mask(a["segmentation"], height, width), (x, y, x + w, y + h), vae)
+            if tokens is None:
+                skipped += 1
+                continue
             by_class.setdefault(names[a["category_id"]], []).append(f"{tokens} {names[a['category_id']]}")
-        for name, objects in by_class.items():
-            examples.append(dict(image=image["file_name"], prefix=f"segment {name}", suffix=" ; ".join(objects)))
-    return examples
+        yield [dict(image=image["file_name"], prefix=f"segment {name}", suffix=" ; ".join(objects))
+               for name, objects in by_class.items()], skipped
 
 
 def main(argv=None):
@@ -335,19 +338,40 @@ def main(argv=None):
     p.add_argument("--vae", default=None, help="the VQ-VAE npz that encodes masks (default: big_vision's "
                    "vae-oid.npz from the hub, which PaliGemma's checkpoints were trained with)")
     p.add_argument("--out", type=Path, default=None, help="default: annotations.jsonl beside --coco")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = p.parse_args(argv)
     out = args.out or args.coco.with_name("annotations.jsonl")
+    # --out checked first: never the export itself, nor a file already there unless --overwrite
+    if out.resolve() == args.coco.resolve():
+        fail(f"--out {out} is the COCO export itself; choose another --out")
+    if out.is_dir() or not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
+        fail(f"--out {out}: " + ("is a folder" if out.is_dir() else f"{out.parent} is not a writable folder"))
+    if out.exists() and not args.overwrite:
+        fail(f"--out {out} exists: replace it with --overwrite, or choose another --out")
     try:
+        data = json.loads(args.coco.read_text(encoding="utf-8"))
         vae = VQVAE.from_pretrained(args.vae)
-        examples = coco_segmentation_examples(args.coco, vae)
+        examples, skipped = [], 0
+        for i, (image_examples, image_skipped) in enumerate(coco_segmentation_examples(data, vae), 1):
+            examples += image_examples
+            skipped += image_skipped
+            if i % 500 == 0 or i == len(data["images"]):
+                print(f"{i}/{len(data['images'])} images encoded", file=sys.stderr, flush=True)
+    except json.JSONDecodeError as e:
+        fail(f"{args.coco}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})")
+    except UnicodeDecodeError as e:
+        fail(f"{args.coco}: not UTF-8 text (byte {e.start})")
     except (OSError, ValueError) as e:
         fail(str(e))
-    except (KeyError, TypeError, IndexError) as e:
+    except (KeyError, TypeError, IndexError, AttributeError) as e:
         fail(f"{args.coco}: not a COCO instance-segmentation export ({type(e).__name__}: {e})")
     for e in examples:  # image paths relative to the JSONL, as train.py reads them
         e["image"] = os.path.relpath(args.coco.parent / e["image"], out.parent)
-    out.write_text("".join(json.dumps(e) + "\n" for e in examples))
-    print(f"{out}: {len(examples)} examples from {args.coco}")
+    partial = out.with_name(out.name + ".partial")  # written whole, then renamed: a kill leaves out as it was
+    partial.write_text("".join(json.dumps(e) + "\n" for e in examples))
+    os.replace(partial, out)
+    print(f"{out}: {len(examples)} examples from {args.coco}"
+          + (f"; {skipped} instance(s) skipped, their boxes hold no whole pixel of the image" if skipped else ""))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -54,7 +55,7 @@ def test_coco_masks_from_polygons_and_rle():
     assert (ours & theirs).sum() / (ours | theirs).sum() > 0.9  # rasterised alike but for edge pixels
 
 
-def test_coco_export_to_jsonl(vae, tmp_path):
+def test_coco_export_to_jsonl(vae, tmp_path, capsys):
     """A hand-made export: two cats (a polygon, a compressed RLE) and a dog (uncompressed RLE) in one image,
     a cat in another."""
     for name in ("a.jpg", "b.jpg"):
@@ -75,6 +76,9 @@ def test_coco_export_to_jsonl(vae, tmp_path):
             dict(id=3, image_id=1, category_id=2, bbox=[30, 2, 10, 10],
                  segmentation={"counts": uncompressed_rle(square), "size": [48, 64]}),
             dict(id=4, image_id=2, category_id=1, bbox=[0, 0, 64, 48], segmentation=[[0, 0, 63, 0, 63, 47, 0, 47]]),
+            dict(id=5, image_id=2, category_id=2, bbox=[10, 10, 0.3, 5], segmentation=[[10, 10, 10.3, 10, 10, 15]]),
+            dict(id=6, image_id=2, category_id=2, bbox=[70, 10, 5, 5], segmentation=[[70, 10, 75, 10, 70, 15]]),
+            dict(id=7, image_id=2, category_id=2, bbox=[54, 40, 20, 20], segmentation=[[54, 40, 74, 40, 54, 60]]),
         ],
     }
     (tmp_path / "export").mkdir()
@@ -82,17 +86,34 @@ def test_coco_export_to_jsonl(vae, tmp_path):
     for name in ("a.jpg", "b.jpg"):
         (tmp_path / name).rename(tmp_path / "export" / name)
     np.savez(tmp_path / "vae.npz", **{k: v.detach().numpy() for k, v in vae.state_dict().items()})
-    processor.main(["--coco", str(tmp_path / "export" / "_annotations.coco.json"), "--vae", str(tmp_path / "vae.npz"),
-                    "--out", str(tmp_path / "train.jsonl")])
+    coco = str(tmp_path / "export" / "_annotations.coco.json")
+    processor.main(["--coco", coco, "--vae", str(tmp_path / "vae.npz"), "--out", str(tmp_path / "train.jsonl")])
+    # boxes 0.3 pixels wide or outside the image are skipped, and counted
+    assert "2 instance(s) skipped, their boxes hold no whole pixel" in capsys.readouterr().out
     lines = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
     # one line per image and class, the classes and instances top to bottom
     assert [(e["image"], e["prefix"]) for e in lines] == [
-        ("export/a.jpg", "segment dog"), ("export/a.jpg", "segment cat"), ("export/b.jpg", "segment cat")]
+        ("export/a.jpg", "segment dog"), ("export/a.jpg", "segment cat"), ("export/b.jpg", "segment cat"),
+        ("export/b.jpg", "segment dog")]
+    # a box that leaves the image is cut to it
+    assert np.allclose(parse_detections(lines[3]["suffix"], 64, 48)[0].box, (54, 40, 64, 48), atol=0.1)
     one_object = r"(<loc\d{4}>){4}(<seg\d{3}>){16} "
     assert re.fullmatch(f"{one_object}dog", lines[0]["suffix"])
     assert re.fullmatch(f"{one_object}cat ; {one_object}cat", lines[1]["suffix"])
     boxes = [d.box for d in parse_detections(lines[1]["suffix"], 64, 48)]
     assert np.allclose(boxes, [(4, 4, 24, 20), (40, 30, 60, 44)], atol=64 / 1024 + 1e-9)  # top to bottom
+
+    # --out is never the export itself, nor a file already there without --overwrite; written whole
+    before = (tmp_path / "train.jsonl").read_text()
+    for out, expected in ((coco, "is the COCO export itself"), (str(tmp_path / "train.jsonl"), "exists")):
+        with pytest.raises(SystemExit) as stopped:
+            processor.main(["--coco", coco, "--vae", str(tmp_path / "vae.npz"), "--out", out])
+        assert stopped.value.code == 2 and expected in capsys.readouterr().err
+    assert (tmp_path / "train.jsonl").read_text() == before and json.loads(Path(coco).read_text())["images"]
+    processor.main(["--coco", coco, "--vae", str(tmp_path / "vae.npz"), "--out", str(tmp_path / "train.jsonl"),
+                    "--overwrite"])
+    assert (tmp_path / "train.jsonl").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("train")) == ["train.jsonl"]
 
 
 def uncompressed_rle(mask: np.ndarray) -> list[int]:
