@@ -539,6 +539,16 @@ def remove_leftovers(out: Path, keep: str | None = None):
 # Options
 
 
+def lora_targets(text: str) -> tuple[str, ...]:
+    """--lora-targets: comma-separated names of the decoder's linear layers."""
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in ATTENTION + MLP]
+    if not names or unknown:
+        what = f"{', '.join(unknown)}: not one of" if unknown else f"{text!r} names none of"
+        raise argparse.ArgumentTypeError(f"{what} the decoder's linear layers {', '.join(ATTENTION + MLP)}")
+    return names
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, required=True, help="training JSONL")
@@ -606,14 +616,6 @@ def parse_args(argv=None):
         args.lora_rank, args.lora_alpha = args.lora_rank or 8, args.lora_alpha or 16.0
         args.lora_targets, args.lora_dropout = args.lora_targets or ATTENTION, args.lora_dropout or 0.0
     return args
-
-
-def lora_targets(text: str) -> tuple[str, ...]:
-    """--lora-targets: comma-separated names of the decoder's linear layers."""
-    names = tuple(name.strip() for name in text.split(",") if name.strip())
-    if not names or (unknown := set(names) - set(ATTENTION + MLP)):
-        raise argparse.ArgumentTypeError(f"{text!r}: the decoder's linear layers are {', '.join(ATTENTION + MLP)}")
-    return names
 
 
 # ----------------------------------------------------------------------------------------------
