@@ -19,8 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 import numpy as np
+import torch
 from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont
 
 from cli import fail, number
@@ -123,6 +123,8 @@ def main(argv=None):
         fail(f"{len(args.prompt)} prompts for {len(args.image)} images: give one prompt, or one per image")
     prompts = args.prompt * len(args.image) if len(args.prompt) == 1 else args.prompt
     out_paths = output_paths(args.out, args.image) if args.out else []
+    if args.vae and not Path(args.vae).is_file():
+        fail(f"--vae {args.vae}: no such file (a VQ-VAE npz such as vae-oid.npz)")
     try:
         device = resolve_device(args.device)
     except ValueError as e:

@@ -380,9 +380,6 @@ INFER = [
     (["--top-p", "1.5"], "argument --top-p: must be a number in (0, 1]"),
     (["--top-k", "-3"], "argument --top-k: must be an integer >= 0"),
     (["--max-new-tokens", "0"], "argument --max-new-tokens: must be an integer >= 1"),
-    (["--trainable", "lora", "--lora-targets", "q_proj,qkv"], "argument --lora-targets: qkv: not one of"),
-    (["--trainable", "lora", "--lora-rank", "0"], "argument --lora-rank: must be an integer >= 1"),
-    (["--trainable", "lora", "--fsdp", "--merge"], "--fsdp does not take --merge"),
     (["--device", "nonsense"], "--device 'nonsense' is not a device name"),
     (lambda tmp, image: ["--out", tmp], "is a folder; give a file name"),
     (lambda tmp, image: ["--out", tmp / "boxes"], "give an image file name ending in .png or .jpg"),
@@ -392,6 +389,7 @@ INFER = [
     (lambda tmp, image: ["--image", image.with_name("a_1.png"), "--out", image], "a_1.png is one of the input images"),
     (lambda tmp, image: ["--image", tmp], "is a directory, not an image file"),
     (lambda tmp, image: ["--image", bomb(tmp)], "bomb.png: too large to decode safely"),
+    (lambda tmp, image: ["--vae", tmp / "vae-oid.npz"], "--vae {tmp}/vae-oid.npz: no such file"),
 ]
 
 
