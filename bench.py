@@ -23,8 +23,8 @@ import peft
 import torch
 import transformers
 
-from lora import ATTENTION, add_lora
 from gemma import GemmaConfig
+from lora import ATTENTION, add_lora
 from paligemma import PaliGemma, PaliGemmaConfig
 from processor import count_targets
 from train import TRAINABLE, SuffixLossSum

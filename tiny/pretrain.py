@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import train
+from cli import number
 from paligemma import PaliGemma, PaliGemmaConfig, official_state_dict
 from tiny import shapes
 
@@ -112,17 +113,17 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "paligemma-tiny")
     p.add_argument("--work", type=Path, default=Path("data/tiny-pretrain"), help="dataset and training folder")
-    p.add_argument("--examples", type=int, default=50000)
-    p.add_argument("--steps", type=int, default=9000)
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--examples", type=number(int, 1), default=50000)
+    p.add_argument("--steps", type=number(int, 4), default=9000, help="evaluated after each quarter")
+    p.add_argument("--lr", type=number(float, 0, above=True), default=5e-4)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
     data, detect = args.work / "shapes", args.work / "detect"
     shapes.main(["--out", str(data), "--tasks", ",".join(PRETRAIN_TASKS), "--train", str(args.examples),
-                 "--valid", "200", "--seed", str(args.seed)])
+                 "--valid", "200", "--seed", str(args.seed), "--overwrite"])
     shapes.main(["--out", str(detect), "--tasks", "detect", "--train", "0", "--valid", "200",  # held out: mAP
-                 "--seed", str(args.seed + 1)])
+                 "--seed", str(args.seed + 1), "--overwrite"])
     records = [json.loads(line) for line in (data / "_annotations.train.jsonl").read_text().splitlines()]
     texts = [r["prefix"] + "\n" for r in records] + [r["suffix"] for r in records]
     tokenizer = train_tokenizer(texts, args.work / "tokenizer")

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from cli import number
 from processor import loc_tokens
 
 SIZE = 112
@@ -157,12 +158,17 @@ def main(argv=None):
                    help=f"comma-separated, of {', '.join(TASKS)}; a task named twice is asked twice as often")
     p.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated, of circle, square, triangle, star")
     p.add_argument("--detect", default=None, help="the one shape that detect questions ask about")
-    p.add_argument("--train", type=int, default=1000, help="training examples")
-    p.add_argument("--valid", type=int, default=100, help="validation examples")
+    p.add_argument("--train", type=number(int, 0), default=1000, help="training examples")
+    p.add_argument("--valid", type=number(int, 0), default=100, help="validation examples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--coco", action="store_true", help="write a COCO segmentation export (OUT/train/, OUT/valid/) "
                    "instead of JSONL; processor.py --coco turns it into segment examples")
+    p.add_argument("--overwrite", action="store_true", help="write into an --out that holds files already")
     args = p.parse_args(argv)
+    if args.out.exists() and not args.out.is_dir():
+        p.error(f"--out {args.out} is a file, not a folder")
+    if args.out.is_dir() and any(args.out.iterdir()) and not args.overwrite:
+        p.error(f"--out {args.out} holds files already (a dataset?): choose an empty or new folder, or --overwrite")
     tasks, shapes = args.tasks.split(","), tuple(args.shapes.split(","))
     if unknown := set(tasks) - set(TASKS):
         p.error(f"unknown task(s) {', '.join(sorted(unknown))}; the tasks are {', '.join(TASKS)}")
