@@ -667,6 +667,8 @@ def checkpoint_source(args) -> tuple[Path, str | None]:
     downloaded), or under --resume the run in --out; with LoRA, always the base model, whose name the
     adapter records (returned second: a hub id or a folder's absolute path; None without LoRA)."""
     lora_base = None
+    if args.resume and args.trainable != "lora" and (args.out / "adapter_config.json").is_file():
+        raise ValueError(f"{args.out} holds a LoRA adapter: resume it with --trainable lora (and its --lora-* options)")
     if args.trainable == "lora" and args.resume:
         lora_base = read_adapter_config(args.out)["base_model_name_or_path"]
     elif args.trainable == "lora":

@@ -165,6 +165,11 @@ def test_train_lora_learns_resumes_and_merges(run_train, mqa_checkpoint, tmp_pat
     printed = capsys.readouterr()
     assert printed.out.count("\n") == 2 and printed.err.count("with the adapter") == 2
 
+    # Resuming the adapter run without --trainable lora says what to add.
+    with pytest.raises(SystemExit) as e:
+        run_train(tmp_path / "resumed", "--resume", "--steps", "40", data=handful)
+    assert e.value.code == 2 and "holds a LoRA adapter: resume it with --trainable lora" in capsys.readouterr().err
+
 
 def test_lora_options_need_trainable_lora(run_train, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
