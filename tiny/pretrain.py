@@ -16,6 +16,7 @@
 """
 
 import argparse
+import functools
 import json
 import math
 import shutil
@@ -137,8 +138,8 @@ def main(argv=None):
                 "--eval-every", str(args.steps // 4), "--eval-max-new-tokens", "48", "--save-every", "500",
                 "--log-every", "100", "--seed", str(args.seed)])
     args.out.mkdir(parents=True, exist_ok=True)
-    for name in ("config.json", "model.safetensors", "tokenizer.model"):
-        shutil.copy(run / name, args.out / name)
+    for name in ("config.json", "model.safetensors", "tokenizer.model"):  # each file whole, never truncated
+        train.write_atomically(args.out / name, functools.partial(shutil.copyfile, run / name))
     print(f"wrote {args.out}")
 
 
