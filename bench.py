@@ -26,8 +26,7 @@ import transformers
 from gemma import GemmaConfig
 from lora import ATTENTION, add_lora
 from paligemma import PaliGemma, PaliGemmaConfig
-from processor import count_targets
-from train import TRAINABLE, SuffixLossSum
+from train import TRAINABLE, SuffixLossSum, count_targets
 
 REAL_TEXT = dict(hidden_size=2048, intermediate_size=16384, num_attention_heads=8, num_key_value_heads=1, head_dim=256)
 REAL_VISION = dict(hidden_size=1152, intermediate_size=4304, num_attention_heads=16, patch_size=14, image_size=224)

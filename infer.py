@@ -20,13 +20,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont
 
-from cli import fail, number
+from checkpoint import write_atomically
+from cli import add_device_options, device_and_dtype, fail, number
+from detections import SEG, Detection, parse_detections
 from lora import load_adapter, read_adapter_config
-from paligemma import PaliGemma, default_dtype, resolve_device
-from processor import SEG, Detection, Processor, load_image, parse_detections, to_rgb
+from paligemma import PaliGemma
+from processor import Processor, load_image, to_rgb
 from vqvae import VQVAE
 
 
@@ -88,13 +89,10 @@ def output_paths(out: str, images: list[str]) -> list[Path]:
 
 
 def save_image(image: Image.Image, path: Path):
-    """Written to a temporary file beside `path`, then renamed over it: never half an image."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    """Written whole (checkpoint.write_atomically): never half an image."""
     try:
-        image.save(tmp, format=Image.registered_extensions()[path.suffix.lower()])
-        os.replace(tmp, path)
+        write_atomically(path, lambda tmp: image.save(tmp, format=Image.registered_extensions()[path.suffix.lower()]))
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         fail(f"--out {path}: cannot be written ({e.strerror or e})")
 
 
@@ -110,9 +108,7 @@ def main(argv=None):
     p.add_argument("--top-p", type=number(float, 0, 1, above=True), default=1.0, help="1: no top-p")
     p.add_argument("--top-k", type=number(int, 0), default=0, help="0: no top-k")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="default: bfloat16 on a GPU that supports it, else float32")
-    p.add_argument("--device", default=None, help="default: cuda, then mps, then cpu")
+    add_device_options(p)
     p.add_argument("--out", default=None, help="image file to draw the boxes and masks of the answer on (with several "
                    "images, _0, _1, ... are added)")
     p.add_argument("--vae", default=None, help="the VQ-VAE npz that decodes <seg> tokens into masks (default: "
@@ -125,15 +121,11 @@ def main(argv=None):
     out_paths = output_paths(args.out, args.image) if args.out else []
     if args.vae and not Path(args.vae).is_file():
         fail(f"--vae {args.vae}: no such file (a VQ-VAE npz such as vae-oid.npz)")
-    try:
-        device = resolve_device(args.device)
-    except ValueError as e:
-        fail(f"--{e}")
+    device, dtype = device_and_dtype(args)
     try:
         images = [load_image(path) for path in args.image]
     except ValueError as e:
         fail(str(e))
-    dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
 
     start = time.perf_counter()
     try:

@@ -7,8 +7,9 @@ A frozen linear layer W learns through a low-rank update instead of its own weig
 
 add_lora     wraps the language model's linear layers named in `targets` (q/k/v/o by default; SigLIP's
              q/k/v_proj are left alone) and freezes everything else
-save_adapter writes adapter_config.json + adapter_model.safetensors as PEFT does, which transformers + peft
-             (and vLLM) load onto the official checkpoint unchanged
+adapter_config, adapter_state
+             what PEFT writes in adapter_config.json and adapter_model.safetensors (checkpoint.save_adapter
+             writes the files), which transformers + peft (and vLLM) load onto the official checkpoint
 load_adapter reads such a folder, also one written by peft itself or under transformers <= 4.51's names
 merge_lora   folds s * B @ A into W and removes the wrappers: a plain PaliGemma again
 
@@ -25,7 +26,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -114,15 +114,6 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
             prefix = next(p for p in to_peft if name.startswith(p))
             state[to_peft[prefix] + name[len(prefix):]] = p.detach().float().contiguous()
     return state
-
-
-def save_adapter(model: nn.Module, folder, base_model: str):
-    """adapter_config.json and adapter_model.safetensors in `folder`, as `PeftModel.save_pretrained` writes them.
-    base_model: the checkpoint the adapter belongs to (a hub id or a folder), as peft records it."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "adapter_config.json").write_text(json.dumps(adapter_config(model, base_model), indent=2))
-    save_file(adapter_state(model), folder / "adapter_model.safetensors", metadata={"format": "pt"})
 
 
 def read_adapter_config(folder) -> dict:

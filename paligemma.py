@@ -11,17 +11,18 @@ text prompt (the *prefix*) and writes text (the *suffix*):
                                         v
                               Gemma decoder (gemma.py) --> logits (B, T, 257216)
 
-This file holds what is PaliGemma-specific, in this order: the configuration read from a
-checkpoint's `config.json` (checked: a wrong field is an error that names it); the default device
-and dtype; the prefix-LM attention mask; sampling; where a checkpoint's tensors are and what they
-are called; the model itself (the merge of image features into the token embeddings,
-where image features are *not* scaled by sqrt(hidden) and text embeddings are; 1-based positions;
-generation, which encodes the image once, prefills the prompt into a KV-cache and then decodes one
-token per step; strict loading of the Hugging Face safetensors from a folder or a hub id).
+This file holds what is PaliGemma-specific, the model first: the prefix-LM attention mask (with worked
+examples); sampling; the model itself (image features merged into the token embeddings, where image
+features are *not* scaled by sqrt(hidden) and text embeddings are; 1-based positions; generation,
+which encodes the image once, prefills the prompt into a KV-cache and then decodes one token per
+step); then, at the end, loading: config.json parsed and checked (a wrong field is an error that
+names it), where a checkpoint's tensors are and what they are called, and strict reading of the
+Hugging Face safetensors from a folder or a hub id.
 
-What it is not: the tokenizer, the image preprocessing and the parsing of answers (processor.py), a
-training loop (train.py) or a command-line tool (infer.py). It imports torch and safetensors only
-(and huggingface_hub when given a hub id), so that it can be copied with siglip.py and gemma.py.
+What it is not: the tokenizer, the image preprocessing (processor.py) or the parsing of answers
+(detections.py), a training loop (train.py) or a command-line tool (infer.py). It imports torch and
+safetensors only (and huggingface_hub when given a hub id), so that it can be copied with siglip.py
+and gemma.py.
 
 Shape letters, as in gemma.py: B batch, T tokens, N image tokens (SigLIP's patches), D the decoder's
 hidden size, S keys (T, or the KV-cache's slots), V vocabulary.
@@ -43,33 +44,7 @@ from gemma import Gemma, GemmaConfig, KVCache
 from siglip import SiglipConfig, SiglipVisionModel
 
 # ----------------------------------------------------------------------------------------------
-# Configuration
-
-
-def _dataclass_from_dict(cls, d, where: str):
-    """Fills the fields of `cls` found in `d`, each checked against the field's type (sizes >= 1);
-    every other key of a transformers config is ignored."""
-    if not isinstance(d, dict):
-        raise ValueError(f"{where} is {type(d).__name__}; expected a JSON object")
-    values = {}
-    for f in fields(cls):
-        if f.name not in d:
-            continue
-        v = d[f.name]
-        kinds = typing.get_args(f.type) if isinstance(f.type, types.UnionType) else (f.type,)  # int | None
-        kinds = tuple(typing.get_origin(k) or k for k in kinds)  # list[str] -> list
-        ok = isinstance(v, kinds) and (bool in kinds or not isinstance(v, bool))
-        ok |= float in kinds and isinstance(v, int) and not isinstance(v, bool)
-        if not ok or (kinds[0] is int and v is not None and v < 1):
-            expected = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
-            raise ValueError(f"{where}.{f.name} is {json.dumps(v)}; expected {expected}"
-                             + (" >= 1" if kinds[0] is int else ""))
-        values[f.name] = v
-    return cls(**values)
-
-
-GEMMA2_DEFAULTS = dict(query_pre_attn_scalar=256, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
-                       sliding_window=4096)
+# Configuration: the fields of config.json that the model reads (read_config, at the end, parses it)
 
 
 @dataclass
@@ -79,67 +54,6 @@ class PaliGemmaConfig:
     image_token_index: int = 257152  # <image>, the first id after the 257152 SentencePiece pieces
     pad_token_id: int = 0  # what generate writes after <eos>
     eos_token_id: int = 1  # where generate stops a row
-
-    @classmethod
-    def from_json(cls, path) -> "PaliGemmaConfig":
-        try:
-            d = json.loads(Path(path).read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
-        if not isinstance(d, dict) or not isinstance(d.get("text_config", {}), dict):
-            raise ValueError(f"{path}: expected a JSON object with a text_config object")
-        text = dict(d.get("text_config", {}))
-        kind = text.get("model_type", "gemma")
-        if kind not in ("gemma", "gemma2"):
-            raise ValueError(f"{path}: text_config.model_type is {kind!r}; supported are 'gemma' (PaliGemma) "
-                             "and 'gemma2' (PaliGemma 2)")
-        text.setdefault("rope_theta", (text.get("rope_parameters") or {}).get("rope_theta", GemmaConfig.rope_theta))
-        if kind == "gemma2":  # PaliGemma 2; absent fields take transformers' Gemma2Config defaults
-            n = text.get("num_hidden_layers", GemmaConfig.num_hidden_layers)
-            n = n if isinstance(n, int) else 0
-            alternating = [("sliding_attention", "full_attention")[i % 2] for i in range(n)]
-            text = GEMMA2_DEFAULTS | {"layer_types": alternating} | text | {"post_norms": True}
-        top = {k: d[k] for k in ("image_token_index", "pad_token_id", "eos_token_id") if k in d}
-        if any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in top.values()):
-            raise ValueError(f"{path}: image_token_index, pad_token_id and eos_token_id must be integers >= 0")
-        vision = _dataclass_from_dict(SiglipConfig, d.get("vision_config", {}), f"{path}: vision_config")
-        config = cls(vision, _dataclass_from_dict(GemmaConfig, text, f"{path}: text_config"), **top)
-        layer_types = config.text_config.layer_types
-        if layer_types is not None and len(layer_types) != config.text_config.num_hidden_layers:
-            raise ValueError(f"{path}: text_config.layer_types has {len(layer_types)} entries for "
-                             f"{config.text_config.num_hidden_layers} layers")
-        return config
-
-
-# ----------------------------------------------------------------------------------------------
-# Device and dtype: the defaults of train.py, infer.py and bench.py
-
-
-def resolve_device(name: str | None = None) -> torch.device:
-    """The device called `name`, checked to exist here; by default cuda, then mps, then cpu."""
-    if name is None:
-        mps = torch.backends.mps.is_available()
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"device {name!r} is not a device name (e.g. cpu, cuda, cuda:1, mps)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r}: this machine has no CUDA GPU (or this torch build has no CUDA)")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {name!r}: MPS (Apple GPUs) is not available here")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"device {name!r}: only cpu, cuda and mps are supported")
-    return device
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 on a CUDA GPU that supports it, else float32."""
-    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,8 +128,202 @@ def check_sampling(temperature: float, top_k: int, top_p: float):
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints: where the tensors are, and what they are called. The official layout nests the towers
-# one level deeper than our modules.
+# The model
+
+
+class PaliGemma(nn.Module):
+    def __init__(self, config: PaliGemmaConfig):
+        super().__init__()
+        self.config = config
+        self.vision_tower = SiglipVisionModel(config.vision_config)
+        self.multi_modal_projector = nn.Linear(config.vision_config.hidden_size, config.text_config.hidden_size)
+        self.language_model = Gemma(config.text_config)
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (B, T, D) with the projected image features in the <image> positions."""
+        is_image = input_ids == self.config.image_token_index  # (B, T)
+        x = self.language_model.embed(input_ids.masked_fill(is_image, 0))  # <image> may lie outside the vocabulary
+        weight = self.multi_modal_projector.weight
+        features = self.multi_modal_projector(self.vision_tower(pixel_values.to(weight.dtype)))  # (B, N, D)
+        if is_image.sum() != features.shape[0] * features.shape[1]:
+            raise ValueError(
+                f"input_ids hold {int(is_image.sum())} <image> tokens, but {features.shape[0]} image(s) give "
+                f"{features.shape[0]} x {features.shape[1]} features: each prompt needs one image and "
+                f"{features.shape[1]} <image> tokens (use the Processor to build input_ids)"
+            )
+        return x.masked_scatter(is_image[..., None], features.to(x.dtype))  # patches in row-major order
+
+    def attention_masks(self, valid: torch.Tensor, steps: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """The prefix-LM mask (B, 1, T, T) of T tokens attending to each other and, for Gemma 2, its
+        sliding-window variant; None and None when every token sees every token (no padding, no
+        suffix, the window not reached), which lets attention run unmasked."""
+        window, T = self.config.text_config.sliding_window, valid.shape[1]
+        if valid.all() and not steps.any() and (window is None or T <= window):
+            return None, None
+        queries = torch.arange(T, device=valid.device)
+        return (prefix_lm_mask(valid, steps, queries),
+                None if window is None else prefix_lm_mask(valid, steps, queries, window))
+
+    def hidden_states(self, input_ids, pixel_values, attention_mask=None, token_type_ids=None) -> torch.Tensor:
+        """The decoder's final hidden states (B, T, D), before the output head."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if token_type_ids is None:  # no suffix: the whole input is the prefix
+            token_type_ids = torch.zeros_like(input_ids)
+        x = self.embed(input_ids, pixel_values)
+        positions = attention_mask.long().cumsum(-1)  # 1-based as in transformers, and left padding is skipped
+        mask, sliding_mask = self.attention_masks(attention_mask.bool(), token_type_ids.cumsum(-1))
+        return self.language_model(x, positions, mask, sliding_mask)
+
+    def forward(self, input_ids, pixel_values, attention_mask=None, token_type_ids=None) -> torch.Tensor:
+        """input_ids (B, T), pixel_values (B, 3, H, W), attention_mask and token_type_ids (B, T) -> logits (B, T, V)."""
+        return self.language_model.logits(self.hidden_states(input_ids, pixel_values, attention_mask, token_type_ids))
+
+    @torch.inference_mode()
+    def generate(self, input_ids, pixel_values, attention_mask=None, max_new_tokens: int = 64,
+                 temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None) -> torch.Tensor:
+        """Continues each (left-padded) prompt; returns the new token ids (B, n), n <= max_new_tokens.
+
+        The image is encoded once and the whole prompt (all prefix: bidirectional) is prefilled into the
+        KV-cache in one pass; then one token per step attends to everything before it. A row that has
+        written <eos> gets <pad> from then on, and the loop ends when every row has. Greedy when
+        temperature is 0; otherwise sampled after temperature, top-k and top-p, reproducibly given a seed.
+        """
+        B, T = input_ids.shape
+        max_len = self.config.text_config.max_position_embeddings
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
+        if T + max_new_tokens > max_len:
+            raise ValueError(f"the prompt is {T} tokens long and {max_new_tokens} new tokens are asked for: "
+                             f"together more than the model's {max_len} positions")
+        check_sampling(temperature, top_k, top_p)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        lm, device = self.language_model, input_ids.device
+        generator = None if seed is None else torch.Generator(device).manual_seed(seed)
+
+        # Prefill: the prompt's T tokens, all prefix, attend to each other and fill cache slots 0..T-1.
+        x = self.embed(input_ids, pixel_values)  # (B, T, D)
+        S = T + max_new_tokens - 1  # cache slots: the prompt, then every new token but the last (never fed)
+        cache = KVCache(lm.config, B, S, x.dtype, device)
+        positions = attention_mask.long().cumsum(-1)  # (B, T)
+        mask, sliding_mask = self.attention_masks(attention_mask.bool(), torch.zeros_like(input_ids))
+        h = lm(x, positions, mask, sliding_mask, cache, torch.arange(T, device=device))
+        logits = lm.logits(h[:, -1])  # (B, V): the head only where the next token is read
+
+        # Decoding: the k-th new token goes to slot T-1+k as causal step k; every slot but the prompt's
+        # padding holds a real token once written.
+        valid = F.pad(attention_mask.bool(), (0, S - T), value=True)  # (B, S)
+        steps = (torch.arange(S, device=device) - (T - 1)).clamp(min=0)[None]  # (1, S): 0 0 .. 0 1 2 ..
+        position, slot = positions[:, -1:], torch.tensor([T - 1], device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        out = []
+        for step in range(max_new_tokens):
+            token = sample(logits.float(), temperature, top_k, top_p, generator)  # (B,)
+            token = token.masked_fill(done, self.config.pad_token_id)
+            out.append(token)
+            done |= token == self.config.eos_token_id
+            if done.all() or step == max_new_tokens - 1:
+                break
+            position, slot = position + 1, slot + 1
+            logits = self.decode_step(token, position, slot, valid, steps, cache)
+        return torch.stack(out, dim=1)
+
+    def decode_step(self, token, position, slot, valid, steps, cache: KVCache) -> torch.Tensor:
+        """One new token per row: token (B,), position (B, 1), its cache slot (1,), the slots' validity
+        (B, S) and causal steps (1, S) -> next-token logits (B, V). Shapes do not change from step to
+        step, so that `model.decode_step = torch.compile(model.decode_step)` compiles it once."""
+        lm = self.language_model
+        mask = prefix_lm_mask(valid, steps, slot)  # (B, 1, 1, S): the prompt and the tokens up to this one
+        window = lm.config.sliding_window
+        sliding_mask = None if window is None else prefix_lm_mask(valid, steps, slot, window)
+        h = lm(lm.embed(token[:, None]), position, mask, sliding_mask, cache, slot, read_cache=True)
+        return lm.logits(h[:, -1])
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir, dtype: torch.dtype | Callable[[str], torch.dtype] = torch.float32,
+                        device="cpu") -> "PaliGemma":
+        """Loads a Hugging Face-format checkpoint from a local folder or a hub id, strictly.
+
+        Every tensor the model needs must be in the checkpoint with the right shape (see read_checkpoint).
+        Tensors are read one at a time and converted straight to `dtype` on `device`; `dtype` may be a
+        function of the parameter's name (train.py reads the weights it trains in float32 and the frozen
+        ones in the compute dtype).
+        """
+        folder = resolve_checkpoint(name_or_dir, ["config.json", "*.safetensors", "model.safetensors.index.json"])
+        config = read_config(folder / "config.json")
+        with torch.device("meta"):  # no memory is allocated until the weights are read
+            model = cls(config)
+        dtype_of = dtype if callable(dtype) else lambda name: dtype
+        state = {name: tensor.to(device=device, dtype=dtype_of(name)) for name, tensor in
+                 read_checkpoint(folder, {name: list(t.shape) for name, t in model.state_dict().items()})}
+        model.load_state_dict(state, strict=True, assign=True)
+        return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading: config.json, where a checkpoint's tensors are and what they are called, strict reading.
+# The official layout nests the towers one level deeper than our modules.
+
+GEMMA2_DEFAULTS = dict(query_pre_attn_scalar=256, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                       sliding_window=4096)
+
+
+def _dataclass_from_dict(cls, d, where: str):
+    """Fills the fields of `cls` found in `d`, each checked against the field's type (sizes >= 1);
+    every other key of a transformers config is ignored."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{where} is {type(d).__name__}; expected a JSON object")
+    values = {}
+    for f in fields(cls):
+        if f.name not in d:
+            continue
+        v = d[f.name]
+        kinds = typing.get_args(f.type) if isinstance(f.type, types.UnionType) else (f.type,)  # int | None
+        kinds = tuple(typing.get_origin(k) or k for k in kinds)  # list[str] -> list
+        ok = isinstance(v, kinds) and (bool in kinds or not isinstance(v, bool))
+        ok |= float in kinds and isinstance(v, int) and not isinstance(v, bool)
+        if not ok or (kinds[0] is int and v is not None and v < 1):
+            expected = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+            raise ValueError(f"{where}.{f.name} is {json.dumps(v)}; expected {expected}"
+                             + (" >= 1" if kinds[0] is int else ""))
+        values[f.name] = v
+    return cls(**values)
+
+
+def read_config(path) -> PaliGemmaConfig:
+    """A checkpoint's config.json, checked: a wrong field is an error that names it. Fields that are absent
+    take the defaults of transformers' configs (Gemma2Config's for PaliGemma 2)."""
+    try:
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    if not isinstance(d, dict) or not isinstance(d.get("text_config", {}), dict):
+        raise ValueError(f"{path}: expected a JSON object with a text_config object")
+    text = dict(d.get("text_config", {}))
+    kind = text.get("model_type", "gemma")
+    if kind not in ("gemma", "gemma2"):
+        raise ValueError(f"{path}: text_config.model_type is {kind!r}; supported are 'gemma' (PaliGemma) "
+                         "and 'gemma2' (PaliGemma 2)")
+    text.setdefault("rope_theta", (text.get("rope_parameters") or {}).get("rope_theta", GemmaConfig.rope_theta))
+    if kind == "gemma2":  # PaliGemma 2; absent fields take transformers' Gemma2Config defaults
+        n = text.get("num_hidden_layers", GemmaConfig.num_hidden_layers)
+        n = n if isinstance(n, int) else 0
+        alternating = [("sliding_attention", "full_attention")[i % 2] for i in range(n)]
+        text = GEMMA2_DEFAULTS | {"layer_types": alternating} | text | {"post_norms": True}
+    top = {k: d[k] for k in ("image_token_index", "pad_token_id", "eos_token_id") if k in d}
+    if any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in top.values()):
+        raise ValueError(f"{path}: image_token_index, pad_token_id and eos_token_id must be integers >= 0")
+    vision = _dataclass_from_dict(SiglipConfig, d.get("vision_config", {}), f"{path}: vision_config")
+    config = PaliGemmaConfig(vision, _dataclass_from_dict(GemmaConfig, text, f"{path}: text_config"), **top)
+    layer_types = config.text_config.layer_types
+    if layer_types is not None and len(layer_types) != config.text_config.num_hidden_layers:
+        raise ValueError(f"{path}: text_config.layer_types has {len(layer_types)} entries for "
+                         f"{config.text_config.num_hidden_layers} layers")
+    return config
+
 
 CHECKPOINT_PREFIXES = {  # checkpoint key prefix -> our parameter prefix
     "vision_tower.vision_model.": "vision_tower.",  # transformers 5 writes a fresh model without `vision_model.`
@@ -316,140 +424,6 @@ def read_checkpoint(folder: Path, expected: dict[str, list[int]]):
                     yield name, f.get_tensor(key)
         except (SafetensorError, OSError) as e:  # e.g. a file truncated after its header
             raise ValueError(f"{file}: cannot be read ({e})") from None
-
-
-# ----------------------------------------------------------------------------------------------
-# The model
-
-
-class PaliGemma(nn.Module):
-    def __init__(self, config: PaliGemmaConfig):
-        super().__init__()
-        self.config = config
-        self.vision_tower = SiglipVisionModel(config.vision_config)
-        self.multi_modal_projector = nn.Linear(config.vision_config.hidden_size, config.text_config.hidden_size)
-        self.language_model = Gemma(config.text_config)
-
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Token embeddings (B, T, D) with the projected image features in the <image> positions."""
-        is_image = input_ids == self.config.image_token_index  # (B, T)
-        x = self.language_model.embed(input_ids.masked_fill(is_image, 0))  # <image> may lie outside the vocabulary
-        weight = self.multi_modal_projector.weight
-        features = self.multi_modal_projector(self.vision_tower(pixel_values.to(weight.dtype)))  # (B, N, D)
-        if is_image.sum() != features.shape[0] * features.shape[1]:
-            raise ValueError(
-                f"input_ids hold {int(is_image.sum())} <image> tokens, but {features.shape[0]} image(s) give "
-                f"{features.shape[0]} x {features.shape[1]} features: each prompt needs one image and "
-                f"{features.shape[1]} <image> tokens (use the Processor to build input_ids)"
-            )
-        return x.masked_scatter(is_image[..., None], features.to(x.dtype))  # patches in row-major order
-
-    def masks(self, valid: torch.Tensor, steps: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The prefix-LM mask (B, 1, T, T) of T tokens attending to each other and, for Gemma 2, its
-        sliding-window variant; None and None when every token sees every token (no padding, no
-        suffix, the window not reached), which lets attention run unmasked."""
-        window, T = self.config.text_config.sliding_window, valid.shape[1]
-        if valid.all() and not steps.any() and (window is None or T <= window):
-            return None, None
-        queries = torch.arange(T, device=valid.device)
-        return (prefix_lm_mask(valid, steps, queries),
-                None if window is None else prefix_lm_mask(valid, steps, queries, window))
-
-    def hidden_states(self, input_ids, pixel_values, attention_mask=None, token_type_ids=None) -> torch.Tensor:
-        """The decoder's final hidden states (B, T, D), before the output head."""
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if token_type_ids is None:  # no suffix: the whole input is the prefix
-            token_type_ids = torch.zeros_like(input_ids)
-        x = self.embed(input_ids, pixel_values)
-        positions = attention_mask.long().cumsum(-1)  # 1-based as in transformers, and left padding is skipped
-        mask, sliding_mask = self.masks(attention_mask.bool(), token_type_ids.cumsum(-1))
-        return self.language_model(x, positions, mask, sliding_mask)
-
-    def forward(self, input_ids, pixel_values, attention_mask=None, token_type_ids=None) -> torch.Tensor:
-        """input_ids (B, T), pixel_values (B, 3, H, W), attention_mask and token_type_ids (B, T) -> logits (B, T, V)."""
-        return self.language_model.logits(self.hidden_states(input_ids, pixel_values, attention_mask, token_type_ids))
-
-    @torch.inference_mode()
-    def generate(self, input_ids, pixel_values, attention_mask=None, max_new_tokens: int = 64,
-                 temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None) -> torch.Tensor:
-        """Continues each (left-padded) prompt; returns the new token ids (B, n), n <= max_new_tokens.
-
-        The image is encoded once and the whole prompt (all prefix: bidirectional) is prefilled into the
-        KV-cache in one pass; then one token per step attends to everything before it. A row that has
-        written <eos> gets <pad> from then on, and the loop ends when every row has. Greedy when
-        temperature is 0; otherwise sampled after temperature, top-k and top-p, reproducibly given a seed.
-        """
-        B, T = input_ids.shape
-        max_len = self.config.text_config.max_position_embeddings
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
-        if T + max_new_tokens > max_len:
-            raise ValueError(f"the prompt is {T} tokens long and {max_new_tokens} new tokens are asked for: "
-                             f"together more than the model's {max_len} positions")
-        check_sampling(temperature, top_k, top_p)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        lm, device = self.language_model, input_ids.device
-        generator = None if seed is None else torch.Generator(device).manual_seed(seed)
-
-        # Prefill: the prompt's T tokens, all prefix, attend to each other and fill cache slots 0..T-1.
-        x = self.embed(input_ids, pixel_values)  # (B, T, D)
-        S = T + max_new_tokens - 1  # cache slots: the prompt, then every new token but the last (never fed)
-        cache = KVCache(lm.config, B, S, x.dtype, device)
-        positions = attention_mask.long().cumsum(-1)  # (B, T)
-        mask, sliding_mask = self.masks(attention_mask.bool(), torch.zeros_like(input_ids))
-        h = lm(x, positions, mask, sliding_mask, cache, torch.arange(T, device=device))
-        logits = lm.logits(h[:, -1])  # (B, V): the head only where the next token is read
-
-        # Decoding: the k-th new token goes to slot T-1+k as causal step k; every slot but the prompt's
-        # padding holds a real token once written.
-        valid = F.pad(attention_mask.bool(), (0, S - T), value=True)  # (B, S)
-        steps = (torch.arange(S, device=device) - (T - 1)).clamp(min=0)[None]  # (1, S): 0 0 .. 0 1 2 ..
-        position, slot = positions[:, -1:], torch.tensor([T - 1], device=device)
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        out = []
-        for step in range(max_new_tokens):
-            token = sample(logits.float(), temperature, top_k, top_p, generator)  # (B,)
-            token = token.masked_fill(done, self.config.pad_token_id)
-            out.append(token)
-            done |= token == self.config.eos_token_id
-            if done.all() or step == max_new_tokens - 1:
-                break
-            position, slot = position + 1, slot + 1
-            logits = self.decode_step(token, position, slot, valid, steps, cache)
-        return torch.stack(out, dim=1)
-
-    def decode_step(self, token, position, slot, valid, steps, cache: KVCache) -> torch.Tensor:
-        """One new token per row: token (B,), position (B, 1), its cache slot (1,), the slots' validity
-        (B, S) and causal steps (1, S) -> next-token logits (B, V). Shapes do not change from step to
-        step, so that `model.decode_step = torch.compile(model.decode_step)` compiles it once."""
-        lm = self.language_model
-        mask = prefix_lm_mask(valid, steps, slot)  # (B, 1, 1, S): the prompt and the tokens up to this one
-        window = lm.config.sliding_window
-        sliding_mask = None if window is None else prefix_lm_mask(valid, steps, slot, window)
-        h = lm(lm.embed(token[:, None]), position, mask, sliding_mask, cache, slot, read_cache=True)
-        return lm.logits(h[:, -1])
-
-    @classmethod
-    def from_pretrained(cls, name_or_dir, dtype: torch.dtype | Callable[[str], torch.dtype] = torch.float32,
-                        device="cpu") -> "PaliGemma":
-        """Loads a Hugging Face-format checkpoint from a local folder or a hub id, strictly.
-
-        Every tensor the model needs must be in the checkpoint with the right shape (see read_checkpoint).
-        Tensors are read one at a time and converted straight to `dtype` on `device`; `dtype` may be a
-        function of the parameter's name (train.py reads the weights it trains in float32 and the frozen
-        ones in the compute dtype).
-        """
-        folder = resolve_checkpoint(name_or_dir, ["config.json", "*.safetensors", "model.safetensors.index.json"])
-        config = PaliGemmaConfig.from_json(folder / "config.json")
-        with torch.device("meta"):  # no memory is allocated until the weights are read
-            model = cls(config)
-        dtype_of = dtype if callable(dtype) else lambda name: dtype
-        state = {name: tensor.to(device=device, dtype=dtype_of(name)) for name, tensor in
-                 read_checkpoint(folder, {name: list(t.shape) for name, t in model.state_dict().items()})}
-        model.load_state_dict(state, strict=True, assign=True)
-        return model.eval()
 
 
 def official_state_dict(model: PaliGemma) -> dict[str, torch.Tensor]:

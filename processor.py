@@ -1,10 +1,8 @@
-r"""What goes into PaliGemma and what comes out: images, prompts and answers.
+r"""What goes into PaliGemma and what comes out: image files, images and prompts as tensors, token ids as text.
 
-    image file --load_image--> PIL image --Processor--> pixel_values (B, 3, S, S) in [-1, 1]
-    prefix, suffix --Tokenizer--> input_ids, attention_mask, token_type_ids, labels (B, T)
-    new token ids --Tokenizer.decode--> "<loc0123><loc0045><loc0400><loc0321> cat" --parse_detections--> boxes
-    "<loc...> x 4 <seg...> x 16 cat" --parse_detections with a VQ-VAE (vqvae.py)--> boxes and masks
-    masks of a COCO segmentation export --segment_tokens--> training examples (python processor.py --coco)
+    image file --load_image--> PIL image --Processor.pixels--> pixel_values (B, 3, S, S) in [-1, 1]
+    prefix, suffix --Processor.tokens--> input_ids, attention_mask, token_type_ids, labels (B, T)
+    new token ids --Processor.decode--> "<loc0123><loc0045><loc0400><loc0321> cat" (detections.py reads it)
 
 The layout of a prompt is the checkpoints' (and transformers' PaliGemmaProcessor's):
 
@@ -12,27 +10,21 @@ The layout of a prompt is the checkpoints' (and transformers' PaliGemmaProcessor
     token_type_ids: 0 ...................  1 ...........
     labels:      -100 ...................  suffix ids, eos  (only when suffixes are given)
 
-What it is not: the model (paligemma.py). It needs sentencepiece, PIL and numpy besides torch.
+What it is not: the model (paligemma.py), the reading of boxes and masks in answers (detections.py) or
+training data (data.py). It needs sentencepiece, PIL and numpy besides torch.
 """
 
 import errno
-import json
-import os
 import re
-import sys
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import sentencepiece
 import torch
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
-from paligemma import PaliGemmaConfig, resolve_checkpoint
-
-# PaliGemma's own tokens: 1024 box coordinates and 128 mask codes. Others (<loc1024>, <seg128>) are text.
-LOC = r"<loc(?:0\d{3}|10[01]\d|102[0-3])>"  # <loc0000> .. <loc1023>
-SEG = r"<seg(?:0\d\d|1[01]\d|12[0-7])>"  # <seg000> .. <seg127>
+from detections import LOC, SEG
+from paligemma import read_config, resolve_checkpoint
 
 
 def load_image(path) -> Image.Image:
@@ -139,7 +131,7 @@ class Processor:
         folder = resolve_checkpoint(name_or_dir, ["config.json", "tokenizer.model"])
         if not (folder / "tokenizer.model").is_file():
             raise FileNotFoundError(f"{folder} has no tokenizer.model (the SentencePiece model)")
-        config = PaliGemmaConfig.from_json(folder / "config.json")
+        config = read_config(folder / "config.json")
         tokenizer = Tokenizer(folder / "tokenizer.model", config.image_token_index)
         return cls(tokenizer, config.vision_config.image_size, config.vision_config.num_patches)
 
@@ -160,13 +152,22 @@ class Processor:
         return ids, types
 
     def __call__(self, images, prefixes, suffixes=None, max_len: int | None = None) -> dict[str, torch.Tensor]:
-        """One image per prompt. Returns input_ids, attention_mask, token_type_ids (B, T),
-        pixel_values (B, 3, S, S), and labels (B, T) when suffixes are given. With `max_len`, text tokens
-        past max_len are cut (the end of the suffix goes first); the image tokens are not counted."""
+        """One image per prompt. Returns input_ids, attention_mask, token_type_ids (B, T), labels (B, T)
+        when suffixes are given, and pixel_values (B, 3, S, S)."""
         if len(images) != len(prefixes) or (suffixes is not None and len(suffixes) != len(prefixes)):
             raise ValueError(f"got {len(images)} images, {len(prefixes)} prefixes"
                              + ("" if suffixes is None else f" and {len(suffixes)} suffixes")
                              + ": one of each per example")
+        return self.tokens(prefixes, suffixes, max_len) | {"pixel_values": self.pixels(images)}
+
+    def pixels(self, images) -> torch.Tensor:
+        """PIL images -> pixel_values (B, 3, S, S)."""
+        return torch.stack([self.preprocess_image(im) for im in images])
+
+    def tokens(self, prefixes, suffixes=None, max_len: int | None = None) -> dict[str, torch.Tensor]:
+        """The prompts (and answers) of a batch, each after its image's tokens, left-padded: input_ids,
+        attention_mask, token_type_ids (B, T), and labels (B, T) when suffixes are given. With `max_len`,
+        text tokens past max_len are cut (the end of the suffix goes first); image tokens are not counted."""
         image_ids = [self.tokenizer.image_token_id] * self.num_image_tokens
         rows = []  # (ids, token types)
         for i, prefix in enumerate(prefixes):
@@ -180,199 +181,10 @@ class Processor:
             input_ids[i, T - len(ids):] = torch.tensor(ids)
             attention_mask[i, T - len(ids):] = 1
             token_type_ids[i, T - len(ids):] = torch.tensor(types)
-        batch = dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                     pixel_values=torch.stack([self.preprocess_image(im) for im in images]))
+        batch = dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
         if suffixes is not None:
             batch["labels"] = input_ids.masked_fill(token_type_ids == 0, -100)
         return batch
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode([int(i) for i in ids])
-
-
-def count_targets(labels: torch.Tensor) -> torch.Tensor:
-    """The number of tokens a batch's loss is taken over: the suffix and <eos> tokens, i.e. the labels
-    other than -100 after the shift by one (position t predicts token t + 1)."""
-    return (labels[:, 1:] != -100).sum()
-
-
-# ----------------------------------------------------------------------------------------------
-# Answers: boxes and masks
-#
-# A detect answer is `<locY1><locX1><locY2><locX2> label ; ...`; a segment answer puts 16 <seg> tokens
-# after each box (vqvae.py decodes them). Coordinates are in 1024ths of the image, y first: <locK> reads
-# K/1024, and a coordinate c is written <locK> with K = floor(c * 1024), at most 1023. (big_vision's
-# segmentation code writes round(c * 1023) and reads K/1023: boxes differ by less than 0.1%.)
-
-OBJECT = re.compile(f"({LOC})({LOC})({LOC})({LOC})((?:{SEG})*)([^;<]*)")
-
-
-class Detection(NamedTuple):
-    box: tuple[float, float, float, float]  # x1, y1, x2, y2 in pixels
-    label: str
-    codes: tuple[int, ...] | None = None  # the 16 <seg> codes of a segment answer
-    mask: np.ndarray | None = None  # bool (H, W), from the codes, when a VQ-VAE was given to decode them
-
-
-def paste_mask(vae, codes, box, width: int, height: int) -> np.ndarray:
-    """The VQ-VAE's 64x64 mask of `codes`, resized bilinearly to the box (whole pixels, as big_vision's
-    evaluator cuts it) and pasted into an (H, W) bool array: inside where the decoder's output is > 0."""
-    with torch.no_grad():
-        logits = vae.decode(torch.tensor([codes]))[0].float().numpy()  # (64, 64)
-    x1, y1, x2, y2 = (int(v) for v in box)
-    mask = np.zeros((height, width), dtype=bool)
-    if x2 > x1 and y2 > y1:
-        mask[y1:y2, x1:x2] = np.asarray(Image.fromarray(logits).resize((x2 - x1, y2 - y1), Image.BILINEAR)) > 0
-    return mask
-
-
-def parse_detections(text: str, width: int, height: int, vae=None) -> list[Detection]:
-    """`<locY1><locX1><locY2><locX2>[<seg...> x 16] label ; ...` -> the objects, boxes in pixels.
-
-    Whatever cannot be read as four loc tokens and a label is skipped (so is a box whose end is not after
-    its start); an object's codes are kept only when exactly 16 <seg> tokens follow its box, and its mask
-    is made when `vae` (a vqvae.VQVAE) is given.
-    """
-    detections = []
-    for m in OBJECT.finditer(text):
-        y1, x1, y2, x2 = (int(v[4:8]) / 1024 for v in m.groups()[:4])
-        if y2 > y1 and x2 > x1:
-            box = (x1 * width, y1 * height, x2 * width, y2 * height)
-            codes = tuple(int(c) for c in re.findall(r"<seg(\d{3})>", m.group(5)))
-            codes = codes if len(codes) == 16 else None
-            mask = paste_mask(vae, codes, box, width, height) if vae is not None and codes else None
-            detections.append(Detection(box, m.group(6).strip(), codes, mask))
-    return detections
-
-
-def loc_tokens(box, width: int, height: int) -> str:
-    """(x1, y1, x2, y2) in pixels -> `<locY1><locX1><locY2><locX2>`."""
-    x1, y1, x2, y2 = box
-    return "".join(f"<loc{min(1023, int(v / size * 1024)):04d}>" for v, size in
-                   ((y1, height), (x1, width), (y2, height), (x2, width)))
-
-
-def segment_tokens(mask: np.ndarray, box, vae) -> str | None:
-    """One object's mask (H, W) bool and box (x1, y1, x2, y2, pixels) -> its box and 16 <seg> tokens, as
-    big_vision encodes them: the box cut to the image, the mask cut to the box (whole pixels), resized to
-    64x64 bilinearly (PIL antialiases when it shrinks), in [0, 1], encoded by the VQ-VAE. None when the
-    box holds no whole pixel of the image."""
-    height, width = mask.shape
-    box = (max(0, box[0]), max(0, box[1]), min(width, box[2]), min(height, box[3]))
-    x1, y1, x2, y2 = (int(round(v)) for v in box)
-    if x2 <= x1 or y2 <= y1:
-        return None
-    crop = Image.fromarray(mask[y1:y2, x1:x2].astype(np.uint8) * 255).resize((64, 64), Image.BILINEAR)
-    with torch.no_grad():
-        codes = vae.encode(torch.from_numpy(np.asarray(crop, dtype=np.float32) / 255)[None])[0]
-    return loc_tokens(box, width, height) + "".join(f"<seg{int(c):03d}>" for c in codes)
-
-
-# ----------------------------------------------------------------------------------------------
-# Segmentation fine-tuning data from masks: python processor.py --coco train/_annotations.coco.json
-
-
-def rle_counts(counts) -> list[int]:
-    """COCO's run lengths, from a list or from its compressed string (6 bits a character, 5 of value
-    and a continuation bit, the last chunk signed; from the third run on, relative to the one two back)."""
-    if isinstance(counts, list):
-        return counts
-    runs, i = [], 0
-    while i < len(counts):
-        value, shift, more = 0, 0, True
-        while more:
-            c = ord(counts[i]) - 48
-            value |= (c & 0x1F) << shift
-            more, i, shift = c & 0x20, i + 1, shift + 5
-            if not more and c & 0x10:
-                value |= -1 << shift
-        runs.append(value + (runs[-2] if len(runs) > 2 else 0))
-    return runs
-
-
-def coco_mask(segmentation, height: int, width: int) -> np.ndarray:
-    """An annotation's segmentation, polygons ([[x, y, x, y, ...], ...]) or RLE ({"counts", "size"}),
-    as a bool (H, W) mask."""
-    if isinstance(segmentation, dict):  # runs of 0s then 1s, alternating, down the columns
-        runs = rle_counts(segmentation["counts"])
-        flat = np.repeat(np.arange(len(runs)) % 2 == 1, runs)
-        return flat.reshape(segmentation["size"][1], segmentation["size"][0]).T
-    image = Image.new("L", (width, height))
-    for polygon in segmentation:
-        ImageDraw.Draw(image).polygon(list(zip(polygon[::2], polygon[1::2])), fill=1)
-    return np.asarray(image, dtype=bool)
-
-
-def coco_segmentation_examples(data: dict, vae):
-    """A COCO instance-segmentation export (Roboflow's "COCO Segmentation": _annotations.coco.json beside the
-    images), read as JSON, as train.py's examples. Yields, image by image, (examples, skipped): one example
-    per class, prefix `segment <class>`, suffix each instance's box, 16 <seg> tokens and ` <class>`, joined
-    with ` ; ` as PaliGemma writes them; skipped counts the instances whose box holds no whole pixel."""
-    names = {c["id"]: c["name"] for c in data["categories"]}
-    by_image = {}
-    for a in data["annotations"]:
-        by_image.setdefault(a["image_id"], []).append(a)
-    for image in data["images"]:
-        height, width = image["height"], image["width"]
-        by_class, skipped = {}, 0
-        for a in sorted(by_image.get(image["id"], []), key=lambda a: (a["bbox"][1], a["bbox"][0])):
-            x, y, w, h = a["bbox"]
-            tokens = segment_tokens(coco_mask(a["segmentation"], height, width), (x, y, x + w, y + h), vae)
-            if tokens is None:
-                skipped += 1
-                continue
-            by_class.setdefault(names[a["category_id"]], []).append(f"{tokens} {names[a['category_id']]}")
-        yield [dict(image=image["file_name"], prefix=f"segment {name}", suffix=" ; ".join(objects))
-               for name, objects in by_class.items()], skipped
-
-
-def main(argv=None):
-    import argparse
-
-    from cli import fail
-    from vqvae import VQVAE
-
-    p = argparse.ArgumentParser(description="Turns a COCO instance-segmentation export into train.py's JSONL: "
-                                "`segment <class>` prompts answered with boxes and <seg> tokens.")
-    p.add_argument("--coco", type=Path, required=True, help="_annotations.coco.json, beside its images")
-    p.add_argument("--vae", default=None, help="the VQ-VAE npz that encodes masks (default: big_vision's "
-                   "vae-oid.npz from the hub, which PaliGemma's checkpoints were trained with)")
-    p.add_argument("--out", type=Path, default=None, help="default: annotations.jsonl beside --coco")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    args = p.parse_args(argv)
-    out = args.out or args.coco.with_name("annotations.jsonl")
-    # --out checked first: never the export itself, nor a file already there unless --overwrite
-    if out.resolve() == args.coco.resolve():
-        fail(f"--out {out} is the COCO export itself; choose another --out")
-    if out.is_dir() or not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
-        fail(f"--out {out}: " + ("is a folder" if out.is_dir() else f"{out.parent} is not a writable folder"))
-    if out.exists() and not args.overwrite:
-        fail(f"--out {out} exists: replace it with --overwrite, or choose another --out")
-    try:
-        data = json.loads(args.coco.read_text(encoding="utf-8"))
-        vae = VQVAE.from_pretrained(args.vae)
-        examples, skipped = [], 0
-        for i, (image_examples, image_skipped) in enumerate(coco_segmentation_examples(data, vae), 1):
-            examples += image_examples
-            skipped += image_skipped
-            if i % 500 == 0 or i == len(data["images"]):
-                print(f"{i}/{len(data['images'])} images encoded", file=sys.stderr, flush=True)
-    except json.JSONDecodeError as e:
-        fail(f"{args.coco}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})")
-    except UnicodeDecodeError as e:
-        fail(f"{args.coco}: not UTF-8 text (byte {e.start})")
-    except (OSError, ValueError) as e:
-        fail(str(e))
-    except (KeyError, TypeError, IndexError, AttributeError) as e:
-        fail(f"{args.coco}: not a COCO instance-segmentation export ({type(e).__name__}: {e})")
-    for e in examples:  # image paths relative to the JSONL, as train.py reads them
-        e["image"] = os.path.relpath(args.coco.parent / e["image"], out.parent)
-    partial = out.with_name(out.name + ".partial")  # written whole, then renamed: a kill leaves out as it was
-    partial.write_text("".join(json.dumps(e) + "\n" for e in examples))
-    os.replace(partial, out)
-    print(f"{out}: {len(examples)} examples from {args.coco}"
-          + (f"; {skipped} instance(s) skipped, their boxes hold no whole pixel of the image" if skipped else ""))
-
-
-if __name__ == "__main__":
-    main()

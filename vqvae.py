@@ -33,6 +33,37 @@ ENCODER_DOWN, ENCODER_RES, ENCODER_OUT = (0, 2, 4, 6), (8, 9), 10  # indices in 
 DECODER_IN, DECODER_RES, DECODER_UP, DECODER_OUT = 0, (2, 3), (4, 6, 8, 10), 12  # and in decoder.*
 
 
+def architecture(codebook: int = 128, dim: int = 512, encoder=(16, 32, 64, 128), decoder=(128, 64, 32, 16),
+                 down_kernel: int = 4) -> dict[str, tuple]:
+    """{array name: shape} of a VQ-VAE of this architecture; the defaults are vae-oid.npz's. `encoder`: the
+    output channels of the four stride-2 convolutions (the last is the residual blocks' width); `decoder`:
+    those of the four transposed convolutions (4x4 kernels). Weights are (out, in, k, k), transposed
+    convolutions' (in, out, k, k), as torch stores them."""
+    shapes = {"_vq_vae._embedding": (codebook, dim)}
+    width = encoder[-1]
+
+    def conv(name, out_channels, in_channels, k, transposed=False):
+        shapes[f"{name}.weight"] = (in_channels, out_channels, k, k) if transposed else \
+            (out_channels, in_channels, k, k)
+        shapes[f"{name}.bias"] = (out_channels,)
+
+    def residual(name):
+        for i, k in zip((0, 2, 4), (3, 3, 1)):
+            conv(f"{name}.net.{i}", width, width, k)
+    for i, in_channels, out_channels in zip(ENCODER_DOWN, (1, *encoder), encoder):
+        conv(f"encoder.{i}", out_channels, in_channels, down_kernel)
+    for i in ENCODER_RES:
+        residual(f"encoder.{i}")
+    conv(f"encoder.{ENCODER_OUT}", dim, width, 1)
+    conv(f"decoder.{DECODER_IN}", width, dim, 1)
+    for i in DECODER_RES:
+        residual(f"decoder.{i}")
+    for i, in_channels, out_channels in zip(DECODER_UP, (width, *decoder), decoder):
+        conv(f"decoder.{i}", out_channels, in_channels, 4, transposed=True)
+    conv(f"decoder.{DECODER_OUT}", 1, decoder[-1], 1)
+    return shapes
+
+
 def conv_same(conv: nn.Conv2d, x: torch.Tensor, stride: int = 1) -> torch.Tensor:
     """`conv` with TensorFlow's 'SAME' padding: the output is ceil(size / stride), the padding split with
     the odd pixel after (for a 3x3 kernel at stride 2 on 64 pixels: 0 before, 1 after)."""
@@ -142,10 +173,14 @@ class VQVAE(nn.Module):
             x = F.relu(self.decoder[i](x))  # 4 -> 8 -> 16 -> 32 -> 64
         return conv_same(self.decoder[DECODER_OUT], x)[:, 0]
 
-    def encode(self, masks: torch.Tensor) -> torch.Tensor:
-        """masks (B, 64, 64), float in [0, 1] -> codes (B, 16) int64, the 4x4 grid in row-major order."""
-        return self.nearest_codes(self.encoder_output(masks))
+    @torch.no_grad()
+    def encode(self, masks) -> torch.Tensor:
+        """masks (B, 64, 64), float in [0, 1] (a tensor or an array) -> codes (B, 16) int64, the 4x4 grid in
+        row-major order."""
+        return self.nearest_codes(self.encoder_output(torch.as_tensor(masks)))
 
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes (B, 16) int64 -> mask logits (B, 64, 64) float32: inside where > 0."""
+    @torch.no_grad()
+    def decode(self, codes) -> torch.Tensor:
+        """codes (B, 16) int64 (a tensor or an array) -> mask logits (B, 64, 64) float32: inside where > 0."""
+        codes = torch.as_tensor(codes, dtype=torch.long)
         return self.decoder_output(self._vq_vae._embedding[codes].view(len(codes), 4, 4, -1).permute(0, 3, 1, 2))

@@ -238,8 +238,6 @@ def restore_signals():
     yield
     for sig, handler in handlers.items():
         signal.signal(sig, handler)
-    if "train" in sys.modules:
-        sys.modules["train"].STOP.clear()
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""train.detection_map is COCO box mAP exactly as pycocotools (a test-only dependency) computes it."""
+"""metrics.detection_map is COCO box mAP exactly as pycocotools (a test-only dependency) computes it."""
 
 import contextlib
 import io
@@ -8,8 +8,8 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from processor import parse_detections
-from train import detection_map, repeated_boxes
+from detections import parse_detections
+from metrics import detection_map, repeated_boxes
 
 LABELS = ["cat", "dog", "car"]
 

@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
 
+import checkpoint
+import data as data_py
 import infer
 import train
-from conftest import make_dataset, random_images, rewrite_official
-from paligemma import PaliGemma, PaliGemmaConfig
-from processor import Processor, Tokenizer, load_image
+from conftest import random_images, rewrite_official
+from paligemma import PaliGemma, read_config
+from processor import Processor, load_image
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -243,7 +244,7 @@ def test_image_gone_during_training(trained, data, tmp_path, capsys, monkeypatch
 def test_large_images_are_decoded_one_at_a_time(data, monkeypatch):
     """The data check decodes in threads but never holds two large images at once."""
     active, most = [0], [0]
-    real = train.load_image
+    real = data_py.load_image
 
     def counting(path):
         active[0] += 1
@@ -252,9 +253,9 @@ def test_large_images_are_decoded_one_at_a_time(data, monkeypatch):
             return real(path)
         finally:
             active[0] -= 1
-    monkeypatch.setattr(train, "load_image", counting)
-    monkeypatch.setattr(train, "LARGE_IMAGE", 0)  # every image counts as large
-    assert len(train.read_jsonl(data, skip_bad=False)) == 16 and most[0] == 1
+    monkeypatch.setattr(data_py, "load_image", counting)
+    monkeypatch.setattr(data_py, "LARGE_IMAGE", 0)  # every image counts as large
+    assert len(data_py.read_jsonl(data, skip_bad=False)) == 16 and most[0] == 1
 
 
 def test_disk_full_during_save(trained, data, tmp_path, capsys, monkeypatch):
@@ -264,7 +265,7 @@ def test_disk_full_during_save(trained, data, tmp_path, capsys, monkeypatch):
     def full(path, tensors, metadata):
         Path(path).write_bytes(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(train, "write_safetensors", full)
+    monkeypatch.setattr(checkpoint, "write_safetensors", full)
     line = one_line_error(capsys, train.main, ["--data", data, "--model", "unused/hub-id", "--out", out, "--steps", "3",
                                                "--batch-size", "4", "--eval-every", "0", "--resume"])
     assert "cannot save the checkpoint of step 3" in line and "No space left on device" in line and "intact" in line
@@ -353,7 +354,7 @@ def test_config_layer_types_must_fit(mqa_checkpoint, tmp_path):
     config["text_config"] |= {"model_type": "gemma2", "layer_types": ["full_attention"]}
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="layer_types has 1 entries for 2 layers"):
-        PaliGemmaConfig.from_json(folder / "config.json")
+        read_config(folder / "config.json")
 
 
 # ----------------------------------------------------------------------------------------------

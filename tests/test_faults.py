@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+import checkpoint
 import train
 from paligemma import PaliGemma
 
@@ -51,8 +52,8 @@ def count_or_kill(at: int | None, counted: list):
         return wrapped
     for name in ("replace", "fsync", "unlink"):
         setattr(os, name, operation(name, getattr(os, name)))
-    real_write_atomically = train.write_atomically
-    train.write_atomically = lambda path, write: real_write_atomically(
+    real_write_atomically = checkpoint.write_atomically
+    checkpoint.write_atomically = lambda path, write: real_write_atomically(
         path, lambda tmp: operation("write", lambda t: write(t))(tmp))
 
     def save(*args, **kwargs):
@@ -72,7 +73,7 @@ def test_a_kill_at_every_file_operation_of_a_save(trained, data, tmp_path):
     operations in turn. Every time, --out loads with from_pretrained and resumes, from step 2 or 3, to the
     same weights at step 4 as a run that was never killed; no temporary file outlives the resumed run."""
     reference = shutil.copytree(trained, tmp_path / "reference")
-    resume(reference, data, 4)
+    assert in_child(lambda: resume(reference, data, 4)) == 0  # with the killed runs' one thread: the same sums
     expected = PaliGemma.from_pretrained(reference).state_dict()
 
     ops_file = tmp_path / "operations"
@@ -93,11 +94,11 @@ def test_a_kill_at_every_file_operation_of_a_save(trained, data, tmp_path):
         status = in_child(lambda: (count_or_kill(at, []), resume(out, data, 4)))
         assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (at, status)
         PaliGemma.from_pretrained(out)  # loads, whatever the instant of the kill
-        resumed_from.add(int(train.read_train_state(out, "cpu")[0]["step"]))
-        resume(out, data, 4)
+        resumed_from.add(int(checkpoint.read_train_state(out, "cpu")[0]["step"]))
+        assert in_child(lambda: resume(out, data, 4)) == 0
         state = PaliGemma.from_pretrained(out).state_dict()
         assert all(torch.equal(state[k], expected[k]) for k in expected), f"killed before {operations[at]}"
-        assert not list(out.glob(".*.tmp")) and not (out / train.NEXT_STATE).exists(), list(out.iterdir())
+        assert not list(out.glob(".*.tmp")) and not (out / checkpoint.NEXT_STATE).exists(), list(out.iterdir())
     assert resumed_from == {2, 3}  # the kills fell before and after the step-3 weights took effect
 
 
@@ -149,7 +150,7 @@ def test_sigterm_to_the_process_group_saves_and_exits_143(mqa_checkpoint, data, 
     assert proc.returncode == 143, err
     assert "SIGTERM: saving at the end of this step" in out and "continue with --resume" in out, out + err
     assert group_ends(proc.pid)
-    step = int(train.read_train_state(tmp_path / "o", "cpu")[0]["step"])
+    step = int(checkpoint.read_train_state(tmp_path / "o", "cpu")[0]["step"])
     assert f"stopped at step {step}" in out
     PaliGemma.from_pretrained(tmp_path / "o")
 
@@ -185,6 +186,6 @@ def test_sigterm_to_a_torchrun_job(mqa_checkpoint, data, tmp_path):
     os.killpg(proc.pid, signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0 and group_ends(proc.pid)
-    step = int(train.read_train_state(tmp_path / "o", "cpu")[0]["step"])
+    step = int(checkpoint.read_train_state(tmp_path / "o", "cpu")[0]["step"])
     assert f"saved {tmp_path / 'o'} at step {step}" in out and f"stopped at step {step}" in out, out
     PaliGemma.from_pretrained(tmp_path / "o")

@@ -5,7 +5,8 @@ import torch
 
 from conftest import PREFIXES, hf_model, random_images
 from paligemma import PaliGemma, sample
-from processor import Processor, parse_detections
+from detections import parse_detections
+from processor import Processor
 
 
 @pytest.fixture(scope="module")

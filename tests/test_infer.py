@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 import infer
+from detections import Detection
 from infer import draw_detections
-from processor import Detection
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -94,7 +94,8 @@ def test_masks_are_drawn_from_seg_tokens(mqa_checkpoint, images, tmp_path, monke
     """An answer with <seg> tokens: its masks are decoded by the VQ-VAE (--vae) and drawn as fills; without
     a VQ-VAE the boxes are still drawn and one line says why the masks are not."""
     from paligemma import PaliGemma
-    from processor import Processor, parse_detections
+    from detections import parse_detections
+    from processor import Processor
     from test_vqvae import vae_npz
     from vqvae import VQVAE
 

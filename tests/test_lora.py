@@ -2,7 +2,9 @@
 changes nothing, and train.py --trainable lora learns, resumes and merges."""
 
 import json
+import os
 import shutil
+import signal
 
 import peft  # a test dependency, like transformers: the product never imports it
 import pytest
@@ -12,7 +14,8 @@ from safetensors.torch import load_file, save_file
 import infer
 from conftest import (PREFIXES, SUFFIXES, TOL, fresh_checkpoint, hf_model, make_dataset, max_diff_on_tokens,
                       random_images)
-from lora import MLP, add_lora, load_adapter, merge_lora, save_adapter
+from checkpoint import save_adapter
+from lora import MLP, add_lora, load_adapter, merge_lora
 from paligemma import PaliGemma
 from processor import Processor
 
@@ -29,12 +32,13 @@ def inputs_of(folder):
 
 
 def randomised(model):
-    """Adapters that change the model (B is zero at initialisation)."""
+    """Adapters that change the model (B is zero at initialisation), at a scale where float32 rounding stays
+    under TOL (at std 0.2 on rsLoRA MLP adapters, transformers + peft itself was 1.2e-5 from a float64 run)."""
     torch.manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if ".lora_" in name:
-                p.normal_(0, 0.2)
+                p.normal_(0, 0.1)
     return model
 
 
@@ -43,7 +47,7 @@ def randomised(model):
 def test_peft_loads_our_adapter(base, options, tmp_path):
     ours = PaliGemma.from_pretrained(base)
     add_lora(ours, **options)
-    save_adapter(randomised(ours), tmp_path / "adapter", str(base))
+    save_adapter(tmp_path / "adapter", randomised(ours), str(base))
     inputs, batch = inputs_of(base)
     theirs = peft.PeftModel.from_pretrained(hf_model(base), tmp_path / "adapter").eval()
     a, b = ours(**inputs), theirs(**inputs, labels=batch["labels"]).logits
@@ -87,7 +91,7 @@ def test_we_load_peft_adapters(base, tmp_path):
 def test_adapter_keys_must_match_layers(mqa_checkpoint, tmp_path):
     model = PaliGemma.from_pretrained(mqa_checkpoint)
     add_lora(model, rank=2, alpha=2)
-    save_adapter(model, tmp_path / "a", str(mqa_checkpoint))
+    save_adapter(tmp_path / "a", model, str(mqa_checkpoint))
     state = load_file(tmp_path / "a" / "adapter_model.safetensors")
     extra = "base_model.model.model.language_model.layers.7.self_attn.q_proj.lora_A.weight"  # 2 layers only
     save_file(state | {extra: torch.zeros(2, 64)}, tmp_path / "a" / "adapter_model.safetensors")
@@ -147,12 +151,11 @@ def test_train_lora_learns_resumes_and_merges(run_train, mqa_checkpoint, tmp_pat
 
     # Resumed after step 12, the adapter equals the uninterrupted run's.
     import train
-    monkeypatch.setattr(train, "log",
-                        lambda *a, **k: train.STOP.append(2) if str(a[0]).startswith("step 12/") else None)
+    monkeypatch.setattr(train, "log", lambda *a, **k: os.kill(os.getpid(), signal.SIGINT)
+                        if str(a[0]).startswith("step 12/") else None)  # as if Ctrl-C came during step 12
     with pytest.raises(SystemExit):
         run_train(tmp_path / "resumed", *args, data=handful)
     monkeypatch.undo()
-    train.STOP.clear()
     run_train(tmp_path / "resumed", *args, "--resume", data=handful)
     a, b = (load_file(f / "adapter_model.safetensors") for f in (out, tmp_path / "resumed"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -22,7 +22,7 @@ def test_sliding_window_is_exercised(window_checkpoint):
     """The parity test's sequences are longer than the window, so the window really masks something."""
     model, processor = PaliGemma.from_pretrained(window_checkpoint), Processor.from_pretrained(window_checkpoint)
     batch = processor(random_images(3), PREFIXES, SUFFIXES)
-    mask, sliding = model.masks(batch["attention_mask"].bool(), batch["token_type_ids"].cumsum(-1))
+    mask, sliding = model.attention_masks(batch["attention_mask"].bool(), batch["token_type_ids"].cumsum(-1))
     assert batch["input_ids"].shape[1] > model.config.text_config.sliding_window
     assert (mask & ~sliding).any() and not (sliding & ~mask).any()
     assert [layer.sliding for layer in model.language_model.layers] == [True, False, True, False]

@@ -3,6 +3,7 @@
 import functools
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -15,7 +16,8 @@ import torch.nn.functional as F
 import train
 from conftest import hf_model, hf_processor, make_dataset, random_images
 from paligemma import PaliGemma
-from processor import Processor, count_targets, load_image
+from data import default_val_file, read_jsonl
+from processor import Processor, load_image
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,7 +49,7 @@ def test_loss_equals_transformers_and_target_only_logits(mqa_checkpoint):
     model = PaliGemma.from_pretrained(mqa_checkpoint)
     inputs = {k: batch[k] for k in ("input_ids", "pixel_values", "attention_mask", "token_type_ids", "labels")}
     with torch.no_grad():
-        loss = train.SuffixLossSum(model)(**inputs) / count_targets(batch["labels"])
+        loss = train.SuffixLossSum(model)(**inputs) / train.count_targets(batch["labels"])
         theirs = hf_model(mqa_checkpoint)(**inputs).loss
         logits = model(*(inputs[k] for k in ("input_ids", "pixel_values", "attention_mask", "token_type_ids")))
         full = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100)
@@ -81,13 +83,12 @@ def test_resume_equals_uninterrupted(run_train, tmp_path, monkeypatch):
 
     def log_then_interrupt(*args, **kwargs):  # as if Ctrl-C came during step 3
         if str(args[0]).startswith("step 3/"):
-            train.STOP.append(signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
     monkeypatch.setattr(train, "log", log_then_interrupt)
     with pytest.raises(SystemExit) as e:
         run_train(tmp_path / "resumed", "--steps", "6", "--lr", "1e-2", "--eval-every", "0")
     assert e.value.code == 130  # stopped, not finished
     assert torch.load(tmp_path / "resumed" / "train_state.pt")["step"] == 3
-    train.STOP.clear()
     run_train(tmp_path / "resumed", "--steps", "6", "--lr", "1e-2", "--eval-every", "0", "--resume")
     a, b = state(straight), state(tmp_path / "resumed")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -147,7 +148,7 @@ def test_torchrun_two_processes_equal_one(mqa_checkpoint, data, tmp_path):
 def test_evaluation_answers_the_prompt_alone(mqa_checkpoint, data, monkeypatch):
     """Generation-based metrics must see the prompt only, never the answer they score."""
     model, processor = PaliGemma.from_pretrained(mqa_checkpoint), Processor.from_pretrained(mqa_checkpoint)
-    examples = train.read_jsonl(data.parent / "valid.jsonl", skip_bad=False)[:4]
+    examples = read_jsonl(data.parent / "valid.jsonl", skip_bad=False)[:4]
     seen = []
     generate = model.generate
     monkeypatch.setattr(model, "generate",
@@ -169,8 +170,8 @@ def test_default_validation_file(tmp_path):
         for name in (train_name, val_name):
             (folder / name).parent.mkdir(parents=True, exist_ok=True)
             (folder / name).write_text("")
-        assert train.default_val_file(folder / train_name) == folder / val_name
-    assert train.default_val_file(tmp_path / "alone" / "train.jsonl") is None
+        assert default_val_file(folder / train_name) == folder / val_name
+    assert default_val_file(tmp_path / "alone" / "train.jsonl") is None
 
 
 def test_float16_scales_the_loss_and_resumes(run_train, tmp_path):

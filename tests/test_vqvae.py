@@ -9,32 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from vqvae import VQVAE
+from vqvae import VQVAE, architecture
 
 jax.config.update("jax_platforms", "cpu")
 
 
 def vae_npz(path, down_kernel: int = 4, codebook_dim: int = 512, seed: int = 0):
-    """Random arrays under vae-oid.npz's names. The decoder's shapes are vae-oid's; the encoder mirrors
-    them, its stride-2 kernels `down_kernel` wide (an odd one pads unevenly under 'SAME')."""
+    """Random arrays under vae-oid.npz's names and shapes, the encoder's stride-2 kernels `down_kernel` wide
+    (an odd one pads unevenly under 'SAME')."""
     rng = np.random.default_rng(seed)
-    shapes = {"_vq_vae._embedding": (128, codebook_dim)}
-
-    def conv(name, out_channels, in_channels, k, transposed=False):
-        shapes[f"{name}.weight"] = (in_channels if transposed else out_channels,
-                                    out_channels if transposed else in_channels, k, k)
-        shapes[f"{name}.bias"] = (out_channels,)
-
-    def resblock(name, channels):
-        conv(f"{name}.net.0", channels, channels, 3), conv(f"{name}.net.2", channels, channels, 3)
-        conv(f"{name}.net.4", channels, channels, 1)
-    for i, (cin, cout) in zip((0, 2, 4, 6), ((1, 16), (16, 32), (32, 64), (64, 128))):
-        conv(f"encoder.{i}", cout, cin, down_kernel)
-    resblock("encoder.8", 128), resblock("encoder.9", 128), conv("encoder.10", codebook_dim, 128, 1)
-    conv("decoder.0", 128, codebook_dim, 1), resblock("decoder.2", 128), resblock("decoder.3", 128)
-    for i, (cin, cout) in zip((4, 6, 8, 10), ((128, 128), (128, 64), (64, 32), (32, 16))):
-        conv(f"decoder.{i}", cout, cin, 4, transposed=True)
-    conv("decoder.12", 1, 16, 1)
+    shapes = architecture(dim=codebook_dim, down_kernel=down_kernel)
     arrays = {name: (rng.normal(0, 1, shape) / np.sqrt(np.prod(shape[1:]) if len(shape) > 1 else 10)).astype(np.float32)
               for name, shape in shapes.items()}
     np.savez(path, **arrays)

@@ -12,7 +12,6 @@ commitment terms; codes that no mask uses are moved to encoder outputs now and t
 """
 
 import argparse
-import os
 import time
 from pathlib import Path
 
@@ -21,35 +20,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from checkpoint import write_atomically
 from cli import number
 from tiny import shapes
-from vqvae import VQVAE
+from vqvae import VQVAE, architecture
 
-CODEBOOK, WIDTH = (128, 32), 64  # the codebook, and the widest layer
-ENCODER = [(16, 1, 4), (32, 16, 4), (64, 32, 4), (64, 64, 4)]  # encoder.0/2/4/6: (out, in, kernel)
-DECODER_UP = [(64, 64), (64, 32), (32, 16), (16, 8)]  # decoder.4/6/8/10: (in, out), 4x4 kernels
-
-
-def architecture() -> dict[str, tuple]:
-    """{array name: shape} of the tiny VQ-VAE, under vae-oid.npz's names."""
-    shapes_ = {"_vq_vae._embedding": CODEBOOK}
-
-    def conv(name, out_channels, in_channels, k, transposed=False):
-        shapes_[f"{name}.weight"] = (in_channels if transposed else out_channels,
-                                     out_channels if transposed else in_channels, k, k)
-        shapes_[f"{name}.bias"] = (out_channels,)
-
-    def resblock(name):
-        for i, k in ((0, 3), (2, 3), (4, 1)):
-            conv(f"{name}.net.{i}", WIDTH, WIDTH, k)
-    for i, (out_channels, in_channels, k) in zip((0, 2, 4, 6), ENCODER):
-        conv(f"encoder.{i}", out_channels, in_channels, k)
-    resblock("encoder.8"), resblock("encoder.9"), conv("encoder.10", CODEBOOK[1], WIDTH, 1)
-    conv("decoder.0", WIDTH, CODEBOOK[1], 1), resblock("decoder.2"), resblock("decoder.3")
-    for i, (in_channels, out_channels) in zip((4, 6, 8, 10), DECODER_UP):
-        conv(f"decoder.{i}", out_channels, in_channels, 4, transposed=True)
-    conv("decoder.12", 1, DECODER_UP[-1][1], 1)
-    return shapes_
+# vae-oid's architecture, narrower: a codebook of 128 x 32, encoder channels 16..64, decoder channels 64..8
+ARCHITECTURE = architecture(dim=32, encoder=(16, 32, 64, 64), decoder=(64, 32, 16, 8))
 
 
 def random_mask(rng: np.random.Generator) -> np.ndarray:
@@ -82,7 +59,8 @@ def random_mask(rng: np.random.Generator) -> np.ndarray:
 def train(steps: int, batch_size: int, seed: int) -> VQVAE:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    model = VQVAE(architecture())
+    model = VQVAE(ARCHITECTURE)
+    codebook, dim = ARCHITECTURE["_vq_vae._embedding"]
     for name, p in model.named_parameters():
         if name.endswith("bias"):
             torch.nn.init.zeros_(p)
@@ -90,10 +68,10 @@ def train(steps: int, batch_size: int, seed: int) -> VQVAE:
             torch.nn.init.kaiming_uniform_(p, nonlinearity="relu")
     batch = lambda: torch.from_numpy(np.stack([random_mask(rng) for _ in range(batch_size)]))  # noqa: E731
     with torch.no_grad():  # the codebook starts at encoder outputs
-        z = model.encoder_output(batch()).permute(0, 2, 3, 1).reshape(-1, CODEBOOK[1])
-        model._vq_vae._embedding.copy_(z[torch.randperm(len(z))[:CODEBOOK[0]]])
+        z = model.encoder_output(batch()).permute(0, 2, 3, 1).reshape(-1, dim)
+        model._vq_vae._embedding.copy_(z[torch.randperm(len(z))[:codebook]])
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    used, start = torch.zeros(CODEBOOK[0]), time.perf_counter()
+    used, start = torch.zeros(codebook), time.perf_counter()
     for step in range(1, steps + 1):
         masks = batch()
         z = model.encoder_output(masks)  # (B, D, 4, 4)
@@ -105,17 +83,22 @@ def train(steps: int, batch_size: int, seed: int) -> VQVAE:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        used += torch.bincount(codes.flatten(), minlength=CODEBOOK[0])
+        used += torch.bincount(codes.flatten(), minlength=codebook)
         if step % 200 == 0:
             with torch.no_grad():  # codes no mask used move to recent encoder outputs
                 dead = (used == 0).nonzero().flatten()
-                flat = z.detach().permute(0, 2, 3, 1).reshape(-1, CODEBOOK[1])
+                flat = z.detach().permute(0, 2, 3, 1).reshape(-1, dim)
                 model._vq_vae._embedding[dead] = flat[torch.randint(len(flat), (len(dead),))]
                 iou = (((logits > 0) & (masks > 0.5)).sum() / ((logits > 0) | (masks > 0.5)).sum()).item()
             print(f"step {step}/{steps}: loss {loss.item():.4f}, mask IoU {iou:.3f}, {len(dead)} unused codes "
                   f"moved, {time.perf_counter() - start:.0f} s", flush=True)
             used.zero_()
     return model.eval()
+
+
+def save_npz(path: Path, arrays: dict[str, np.ndarray]):
+    with open(path, "wb") as f:  # a file, not a name: np.savez would add .npz to a temporary name
+        np.savez(f, **arrays)
 
 
 def main(argv=None):
@@ -129,10 +112,8 @@ def main(argv=None):
     if not args.out.parent.is_dir() or args.out.is_dir():
         p.error(f"--out {args.out}: give a file name in an existing folder")
     model = train(args.steps, args.batch_size, args.seed)
-    partial = args.out.with_name(args.out.name + ".partial")  # written whole, then renamed
-    with open(partial, "wb") as f:
-        np.savez(f, **{name: t.detach().numpy() for name, t in model.state_dict().items()})
-    os.replace(partial, args.out)
+    arrays = {name: t.detach().numpy() for name, t in model.state_dict().items()}
+    write_atomically(args.out, lambda tmp: save_npz(tmp, arrays))
     print(f"wrote {args.out}")
 
 

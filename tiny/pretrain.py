@@ -28,8 +28,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 import train
+from checkpoint import write_atomically
 from cli import number
-from paligemma import PaliGemma, PaliGemmaConfig, official_state_dict
+from paligemma import PaliGemma, official_state_dict, read_config
 from tiny import shapes
 
 # Detection, the headline task, in 4 examples of 5 (a mixture with colour and shape questions learned it
@@ -77,7 +78,7 @@ def random_checkpoint(folder: Path, tokenizer: Path, seed: int) -> Path:
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     shutil.copy(tokenizer, folder / "tokenizer.model")
     torch.manual_seed(seed)
-    model = PaliGemma(PaliGemmaConfig.from_json(folder / "config.json"))
+    model = PaliGemma(read_config(folder / "config.json"))
     for module in model.modules():
         if isinstance(module, (nn.Linear, nn.Embedding, nn.Conv2d)):
             nn.init.normal_(module.weight, std=0.02)
@@ -139,7 +140,7 @@ def main(argv=None):
                 "--log-every", "100", "--seed", str(args.seed)])
     args.out.mkdir(parents=True, exist_ok=True)
     for name in ("config.json", "model.safetensors", "tokenizer.model"):  # each file whole, never truncated
-        train.write_atomically(args.out / name, functools.partial(shutil.copyfile, run / name))
+        write_atomically(args.out / name, functools.partial(shutil.copyfile, run / name))
     print(f"wrote {args.out}")
 
 

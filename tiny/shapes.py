@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from cli import number
-from processor import loc_tokens
+from detections import loc_tokens
 
 SIZE = 112
 SHAPES = ("circle", "square", "triangle")  # the default; "star" is drawn too

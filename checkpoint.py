@@ -1,0 +1,286 @@
+"""What train.py writes and reads back, crash-consistently: checkpoints, adapters, the train state.
+
+OUT holds config.json, model.safetensors (its step in the metadata) and the tokenizer files, or, with
+LoRA, adapter_config.json and adapter_model.safetensors (the base model is elsewhere); and
+train_state.pt (step, optimizer and loss-scale state, the options that must not change on --resume).
+These are the official layout and PEFT's: transformers, peft and this project's loaders read them.
+
+Every file is written to a temporary name, flushed to disk and renamed over the old one
+(`write_atomically`, the one writer of files in this project), so a file is always whole. The weights
+and the train state of a step are made consistent by the order of the renames: the new train state
+goes in beside the old one as train_state.next.pt, then the weights, then the new state takes the old
+one's name. Killed at any instant, OUT holds weights of step N-1 or N, and a train state of the same
+step; `read_train_state` finds it, and the next run finishes or removes what a kill left.
+
+What it is not: the training loop (train.py), which decides when to save. Under --fsdp every process
+calls `save_checkpoint`: the optimizer state is saved sharded by torch.distributed.checkpoint into
+OUT/optimizer-stepN/, and the weights are gathered to process 0 one tensor at a time.
+"""
+
+import contextlib
+import functools
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from safetensors import SafetensorError, safe_open
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.tensor import DTensor
+
+from cli import fail, log
+from lora import adapter_config, adapter_state, merge_lora
+from paligemma import official_state_dict
+
+WEIGHTS = ("model.safetensors", "adapter_model.safetensors")  # a full checkpoint's, an adapter's
+CHECKPOINT_FILES = (*WEIGHTS, "model.safetensors.index.json", "train_state.pt")  # what an earlier run leaves
+NEXT_STATE = "train_state.next.pt"
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64"}
+
+
+def write_atomically(path: Path, write):
+    """`write(tmp_path)`, flushed to disk, then renamed over `path`: a crash leaves the old file whole."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def fsync_folder(folder: Path):
+    """The renames in `folder` reach the disk (they are already safe from a killed process)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def unsharded(t: torch.Tensor) -> torch.Tensor:
+    """A tensor as it is, or one sharded by --fsdp gathered whole (every process must take part)."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]):
+    """The safetensors format, written tensor by tensor: an 8-byte header length, a JSON header of
+    names, dtypes, shapes and byte ranges, then the bytes. (safetensors' own save_file writes through
+    a temporary file of its own, with a random name and mode 0600.)"""
+    header, offset = {"__metadata__": metadata}, 0
+    for name, t in tensors.items():
+        size = t.numel() * t.element_size()
+        header[name] = dict(dtype=SAFETENSORS_DTYPES[t.dtype], shape=list(t.shape),
+                            data_offsets=[offset, offset + size])
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(encoded).to_bytes(8, "little") + encoded)
+        for t in tensors.values():
+            f.write(unsharded(t).detach().to("cpu").contiguous().view(torch.uint8).numpy().data)
+
+
+def write_json(path: Path, value):
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(value, indent=2)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints and adapters
+
+
+def write_config(folder: Path, source: Path, no_final_softcap: bool):
+    """config.json and the tokenizer files of the checkpoint being fine-tuned, into `folder`."""
+    if source.resolve() != folder.resolve():  # tokenizer.model and the other tokenizer/processor files
+        for f in source.iterdir():
+            if f.name == "tokenizer.model" or (f.suffix == ".json" and f.name not in (
+                    "model.safetensors.index.json", "config.json", "adapter_config.json")):
+                write_atomically(folder / f.name, functools.partial(shutil.copyfile, f))
+    config = json.loads((source / "config.json").read_text())
+    if no_final_softcap:  # the fine-tuned model is used without the cap it was trained without
+        config["text_config"]["final_logit_softcapping"] = None
+    write_json(folder / "config.json", config)
+
+
+def save_adapter(folder: Path, model, base_model: str, metadata: dict[str, str] | None = None):
+    """adapter_config.json and adapter_model.safetensors in `folder`, as `PeftModel.save_pretrained`
+    writes them, each file whole. base_model: the checkpoint the adapter belongs to (a hub id or a
+    folder), as peft records it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = adapter_state(model)
+    write_json(folder / "adapter_config.json", adapter_config(model, base_model))
+    write_atomically(folder / WEIGHTS[1], lambda tmp: write_safetensors(tmp, weights, metadata or {"format": "pt"}))
+
+
+def save_checkpoint(out: Path, step: int, model, optimizer, scaler, *, source: Path, lora_base: str | None,
+                    options: dict, no_final_softcap: bool, sharded: bool):
+    """The weights (an official-layout checkpoint, or with `lora_base` the adapter in PEFT's format) plus
+    the train state of `step`, crash-consistent (see the module docstring). A failed write (a full disk)
+    stops the run with the previous checkpoint intact. Under --fsdp (`sharded`) every process calls it."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    weights = official_state_dict(model) if lora_base is None else adapter_state(model)
+    metadata = {"format": "pt", "step": str(step)}
+    step_written = False
+    try:
+        if sharded:  # the sharded optimizer state first: the train state names its folder
+            dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)},
+                     checkpoint_id=out / f"optimizer-step{step}")
+        if rank != 0:
+            for t in weights.values():
+                unsharded(t)  # take part in process 0's gathering
+            return
+        state = dict(step=step, optimizer=f"optimizer-step{step}" if sharded else optimizer.state_dict(),
+                     scaler=scaler.state_dict(), options=options, processes=world)
+        if lora_base is None:
+            write_config(out, source, no_final_softcap)
+        else:
+            write_json(out / "adapter_config.json", adapter_config(model, lora_base))
+        write_atomically(out / NEXT_STATE, lambda tmp: torch.save(state, tmp))
+        weights_file = out / WEIGHTS[lora_base is not None]
+        write_atomically(weights_file, lambda tmp: write_safetensors(tmp, weights, metadata))
+        step_written = True  # from here on, NEXT_STATE is the train state of the weights
+        os.replace(out / NEXT_STATE, out / "train_state.pt")
+        fsync_folder(out)
+        remove_leftovers(out, keep=state["optimizer"] if sharded else None)  # the optimizer states before
+    except OSError as e:
+        if not step_written and rank == 0:
+            (out / NEXT_STATE).unlink(missing_ok=True)
+        fail(f"cannot save the checkpoint of step {step} in {out} ({e.strerror or e}); "
+             "the checkpoint it held before, if any, is intact")
+    log(f"saved {out} at step {step}")
+
+
+def save_merged(folder: Path, source: Path, model, no_final_softcap: bool):
+    """The model with its LoRA merged, as an official-layout checkpoint in `folder`, without adapter files:
+    transformers with peft installed would apply an adapter found beside config.json a second time."""
+    try:
+        folder.mkdir(exist_ok=True)
+        write_config(folder, source, no_final_softcap)
+        weights = official_state_dict(merge_lora(model))
+        write_atomically(folder / WEIGHTS[0], lambda tmp: write_safetensors(tmp, weights, {"format": "pt"}))
+    except OSError as e:
+        fail(f"cannot write the merged model into {folder} ({e.strerror or e}); the adapter is saved")
+    log(f"saved the merged model in {folder}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading back: --resume
+
+
+def read_train_state(out: Path, device) -> tuple[dict, str]:
+    """The train state of the step of the weights in `out`, and its file's name: train_state.pt, or
+    train_state.next.pt when a kill interrupted the save between its last two renames."""
+    weights = out / next((name for name in WEIGHTS if (out / name).is_file()), WEIGHTS[0])
+    try:
+        with safe_open(weights, framework="pt") as f:
+            step = int((f.metadata() or {})["step"])
+    except (SafetensorError, OSError, KeyError, ValueError) as e:
+        what = "has no step in its metadata" if isinstance(e, (KeyError, ValueError)) else f"cannot be read ({e})"
+        fail(f"--resume: {weights} {what}: it was not written by train.py")
+    for name in ("train_state.pt", NEXT_STATE):
+        if not (out / name).is_file():
+            continue
+        try:
+            state = torch.load(out / name, map_location=device, weights_only=True)
+        except Exception as e:  # truncated or not a torch file: pickle, zip and torch raise many types
+            fail(f"--resume: {out / name} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        if state.get("step") == step:
+            return state, name
+    fail(f"--resume: {out} holds weights of step {step} but no train state of that step")
+
+
+def read_resume_state(out: Path, device, options: dict, steps: int, world: int, sharded: bool) -> tuple[dict, str]:
+    """read_train_state, checked against the run that resumes it: the same `options` (those saved), more
+    `steps` than it has done, and under --fsdp (`sharded`) as many processes as saved its optimizer state."""
+    state, state_file = read_train_state(out, device)
+    show = lambda v: ",".join(v) if isinstance(v, tuple) else v  # noqa: E731
+    for option, value in options.items():
+        if state.get("options", {}).get(option, value) != value:
+            fail(f"{out} was trained with --{option.replace('_', '-')} {show(state['options'][option])}, "
+                 f"not {show(value)}")
+    if state["step"] >= steps:
+        fail(f"--resume: {out} is at step {state['step']} already; ask for more --steps than that")
+    if sharded and state["processes"] != world:
+        fail(f"--resume: {out} was saved by {state['processes']} processes under --fsdp, and its optimizer state "
+             f"is sharded {state['processes']} ways: resume with torchrun --nproc_per_node={state['processes']}, "
+             f"not {world}")
+    return state, state_file
+
+
+def load_optimizer_state(optimizer, state: dict, out: Path, model, sharded: bool):
+    """The optimizer's state from a train state: in it, or (--fsdp) each process's shard read from the
+    optimizer-stepN/ folder it names."""
+    if not sharded:
+        return optimizer.load_state_dict(state["optimizer"])
+    shards = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+    dcp.load(shards, checkpoint_id=out / state["optimizer"])
+    set_optimizer_state_dict(model, optimizer, shards["optimizer"])
+
+
+def remove_leftovers(out: Path, keep: str | None = None):
+    """Temporary files of a save that a kill interrupted, a train state that never took effect, and the
+    sharded optimizer states (optimizer-stepN/) but the one to `keep`."""
+    for f in out.glob(".*.tmp"):
+        f.unlink()
+    (out / NEXT_STATE).unlink(missing_ok=True)
+    for folder in out.glob("optimizer-step*"):
+        if folder.name != keep:
+            shutil.rmtree(folder)
+
+
+# ----------------------------------------------------------------------------------------------
+# --out, before a run and as it starts
+
+
+def check_out_folder(out: Path, model: str, resume: bool, overwrite: bool):
+    """--out against --model and against what it holds, before anything is loaded: never the source
+    model, a file, or unwritable; an earlier run's checkpoint only with --resume or --overwrite."""
+    given, out, source = out, out.resolve(), Path(model).expanduser().resolve()
+    if not resume and Path(model).expanduser().is_dir() and (
+            out == source or out.is_relative_to(source) or source.is_relative_to(out)):
+        fail(f"--out {given} and --model {model} are the same folder or one holds the other: "
+             "the checkpoint being fine-tuned would be overwritten; choose another --out")
+    existing = next((p for p in [out, *out.parents] if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        fail(f"--out {given}: {existing} is a file, not a folder")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        fail(f"--out {given}: {existing} is not writable (permission denied)")
+    present = [name for name in CHECKPOINT_FILES if (out / name).exists()]
+    if resume and not any((out / name).is_file() for name in WEIGHTS):
+        fail(f"--resume: {given} holds no checkpoint written by train.py (no {' or '.join(WEIGHTS)})")
+    if resume and overwrite:
+        fail("--resume continues the checkpoint in --out and --overwrite replaces it: give one of them")
+    if present and not resume and not overwrite:
+        fail(f"--out {given} holds a checkpoint ({', '.join(present)}): continue it with --resume, "
+             "replace it with --overwrite, or choose another --out")
+
+
+def prepare_out_folder(out: Path, resumed: dict | None, overwrite: bool, lora: bool) -> Path:
+    """--out made ready for this run: a save that a kill interrupted finished, its leftovers removed; with
+    `overwrite`, what of the earlier run this one would not replace (its train state, a sharded model,
+    weights of the other kind: an adapter beside a config.json is taken for base + adapter);
+    metrics.jsonl kept up to the step resumed from. `resumed`: {"step", "file", "optimizer"} of the train
+    state read back, or None. Returns the metrics file."""
+    out.mkdir(parents=True, exist_ok=True)
+    if resumed and resumed["file"] == NEXT_STATE:
+        os.replace(out / NEXT_STATE, out / "train_state.pt")
+    remove_leftovers(out, keep=resumed and resumed["optimizer"])
+    start = resumed["step"] if resumed else 0
+    if overwrite:
+        other = ("model.safetensors", "config.json") if lora else ("adapter_model.safetensors", "adapter_config.json")
+        stale = ["train_state.pt", "model.safetensors.index.json", *other]
+        with contextlib.suppress(Exception):  # the shards a readable index names
+            stale += json.loads((out / stale[1]).read_text())["weight_map"].values()
+        removed = [name for name in dict.fromkeys(stale) if (out / name).is_file()]
+        for name in removed:
+            (out / name).unlink()
+        log(f"--overwrite: {out}'s earlier run is replaced" + (f"; removed {', '.join(removed)}" if removed else ""))
+    metrics_file = out / "metrics.jsonl"
+    lines = metrics_file.read_text().splitlines() if resumed and metrics_file.exists() else []
+    metrics_file.write_text("".join(line + "\n" for line in lines if json.loads(line).get("step", 0) <= start))
+    return metrics_file
