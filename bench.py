@@ -2,7 +2,9 @@
 
     python bench.py                          # CPU, float32: paligemma-3b-pt-224's widths, 2 layers per tower
     python bench.py --preset tiny            # a few million parameters, where per-step overhead dominates
-    python bench.py --preset full --compile  # a GPU: the whole paligemma-3b-pt-224 in bfloat16
+    python bench.py --preset full            # the whole paligemma-3b-pt-224 in bfloat16: on a CPU, its training
+                                             # steps' peak memory (attention-only, LoRA, QLoRA; ~30 min, 21 GiB)
+    python bench.py --preset full --compile  # a GPU: also decoding, and the training step's FLOPs utilisation
 
 Both models load the same safetensors (a random transformers PaliGemma saved in a temporary folder;
 nothing is downloaded). Timings alternate between the two so that the machine's drift hits both
@@ -11,6 +13,7 @@ process for each side (peak RSS on CPU, torch.cuda.max_memory_allocated on a GPU
 """
 
 import argparse
+import ctypes
 import multiprocessing
 import re
 import statistics
@@ -26,7 +29,7 @@ import transformers
 from gemma import GemmaConfig
 from lora import ATTENTION, add_lora
 from paligemma import PaliGemma, PaliGemmaConfig
-from train import TRAINABLE, SuffixLossSum, count_targets
+from train import TRAINABLE, SuffixLossSum, count_targets, training_module
 
 REAL_TEXT = dict(hidden_size=2048, intermediate_size=16384, num_attention_heads=8, num_key_value_heads=1, head_dim=256)
 REAL_VISION = dict(hidden_size=1152, intermediate_size=4304, num_attention_heads=16, patch_size=14, image_size=224)
@@ -49,8 +52,8 @@ def make_checkpoint(folder: Path, preset: str, dtype: torch.dtype) -> transforme
         text_config=dict(vocab_size=vocab, **text), vision_config=dict(vision_use_head=False, **vision),
         image_token_index=vocab - 64, projection_dim=text["hidden_size"], hidden_size=text["hidden_size"],
         vocab_size=vocab)
-    torch.manual_seed(0)
-    transformers.PaliGemmaForConditionalGeneration(config).to(dtype).save_pretrained(folder)
+    torch.manual_seed(0)  # built in `dtype` (the whole model in float32 would be 12 GB)
+    transformers.PaliGemmaForConditionalGeneration._from_config(config, dtype=dtype).save_pretrained(folder)
     return config
 
 
@@ -71,12 +74,22 @@ def make_batch(config, batch: int, suffix: int, device) -> dict[str, torch.Tenso
     return {k: v.to(device) for k, v in out.items()}
 
 
-def load(side: str, folder: Path, dtype, device):
+def load(side: str, folder: Path, dtype, device, quantize: str | None = None):
+    """One side's model. quantize: None, or the trainable part ("attn", "lora") whose layers stay in full
+    precision while every other linear layer is stored in NF4 (ours: nf4.py; transformers: bitsandbytes)."""
     if side == "ours":
-        model = PaliGemma.from_pretrained(folder, dtype=dtype, device=device)
+        which = None if quantize is None else lambda layer: quantize == "lora" or not TRAINABLE["attn"](layer + ".")
+        model = PaliGemma.from_pretrained(folder, dtype=dtype, device=device, quantize=which)
         model.config.eos_token_id = -1  # decode all NEW_TOKENS, as min_new_tokens does for transformers
         return model
-    return transformers.PaliGemmaForConditionalGeneration.from_pretrained(folder, dtype=dtype).to(device).eval()
+    if quantize is None:
+        return transformers.PaliGemmaForConditionalGeneration.from_pretrained(folder, dtype=dtype).to(device).eval()
+    keep = ["lm_head"] + ([r".*language_model\.layers\.\d+\.self_attn\.[qkvo]_proj"] if quantize == "attn" else [])
+    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                             bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype,
+                                             llm_int8_skip_modules=keep)
+    return transformers.PaliGemmaForConditionalGeneration.from_pretrained(
+        folder, dtype=dtype, quantization_config=config, device_map=str(device)).eval()
 
 
 def prefill(side, model, batch):
@@ -102,10 +115,12 @@ def generate(side, model, batch, new_tokens, compiled=False):
     return model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
 
 
-def trainer(side, model, dtype, device, mode="attn"):
+def trainer(side, model, dtype, device, mode="attn", grad_checkpointing=False):
     """A training step (forward, backward, AdamW) for either model, set up alike. attn: the decoder's
     q/k/v/o in float32 and trainable, everything else frozen; lora: rank-8 adapters on q/k/v/o (ours, or
-    peft's on transformers'), the base frozen. Autocast to `dtype`."""
+    peft's on transformers'), the base frozen. Autocast to `dtype`; with grad_checkpointing, the decoder
+    layers' activations are recomputed in backward (train.py's --grad-checkpointing, transformers' own).
+    Returns the step, the optimizer and the trainable parameters."""
     if mode == "lora" and side == "ours":
         add_lora(model, rank=8, alpha=16)
     elif mode == "lora":
@@ -117,7 +132,12 @@ def trainer(side, model, dtype, device, mode="attn"):
             p.requires_grad_(learns(name))
             if p.requires_grad:
                 p.data = p.data.float()
-    loss_model = SuffixLossSum(model) if side == "ours" else model
+    if side == "ours":
+        loss_model = training_module(SuffixLossSum(model), grad_checkpointing, ddp=False, compile=False)
+    else:
+        loss_model = model
+        if grad_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
@@ -132,23 +152,46 @@ def trainer(side, model, dtype, device, mode="attn"):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return step, sum(p.numel() for p in params)
+    return step, optimizer, params
 
 
-def train_memory(side, folder, dtype, device, batch_size, mode) -> float:
-    """Peak memory (GiB) during two training steps, in a fresh process that has loaded only one side."""
-    model = load(side, folder, dtype, device)
-    step, _ = trainer(side, model, dtype, device, mode)
+def resident() -> tuple[float, float]:
+    """This process's memory in GiB, now and at its peak: RSS on the CPU (Linux), allocated on a GPU."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.memory_allocated() / 2**30, torch.cuda.max_memory_allocated() / 2**30
+    status = Path("/proc/self/status").read_text()
+    return tuple(int(re.search(rf"{key}:\s+(\d+) kB", status).group(1)) / 2**20 for key in ("VmRSS", "VmHWM"))
+
+
+def train_memory(side, folder, dtype, device, batch_size, mode, quantize=False, grad_checkpointing=False):
+    """(peak memory in GiB above what the process held before the model was built, seconds) of one training
+    step, in a fresh process that loads only one side. The optimizer's state is allocated first (a step on
+    zero gradients), so that the measured step holds all that every step of a run holds; on the CPU, the
+    memory that loading freed is handed back to the system first (malloc_trim), as it is on a GPU."""
+    before = resident()[0]
+    model = load(side, folder, dtype, device, mode if quantize else None)
+    step, optimizer, params = trainer(side, model, dtype, device, mode, grad_checkpointing)
     batch = make_batch(transformers.PaliGemmaConfig.from_pretrained(folder), batch_size, SUFFIX, device)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if device.type == "cpu":  # what loading freed goes back to the system (glibc keeps it otherwise), on both sides
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     else:
         Path("/proc/self/clear_refs").write_text("5")  # Linux: the peak RSS restarts from the current RSS
-    for _ in range(2):
-        step(batch)
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**30
-    return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) / 2**20
+    sync(device)
+    start = time.perf_counter()
+    step(batch)
+    sync(device)
+    return resident()[1] - before, time.perf_counter() - start
+
+
+def in_fresh_process(fn, *args):
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
 
 
 def sync(device):
@@ -226,6 +269,103 @@ def memory_table():
                   + f"   (activations {ddp['activations']:.1f})")
 
 
+TRAINING = {  # the training steps compared: (trainable part, every other linear layer frozen in NF4)
+    "attention-only": ("attn", False),
+    "LoRA r=8 q/k/v/o": ("lora", False),
+    "QLoRA: LoRA r=8 q/k/v/o on NF4": ("lora", True),
+    "attention-only on NF4": ("attn", True),
+}
+
+
+def decoding_rows(folder: Path, config, device, dtype, repeat: int, compiled: bool) -> tuple[list, dict, dict, float]:
+    """Loading, prefill and generation, timed in turns: (rows, decoding-step and whole-generate tokens/s per
+    batch size and side, the measured memory bandwidth in bytes/s)."""
+    sides, rows = ("ours", "transformers"), []
+    t = alternate({s: lambda s=s: load(s, folder, dtype, device) for s in sides}, repeat, device)
+    rows.append(("load (s)", t["ours"], t["transformers"]))
+    models = {s: load(s, folder, dtype, device) for s in sides}
+    if compiled:
+        models["ours"].decode_step = torch.compile(models["ours"].decode_step)
+    for b in (1, 8):
+        batch = make_batch(config, b, 0, device)
+        t = alternate({s: lambda s=s: prefill(s, models[s], batch) for s in sides}, repeat, device)
+        rows.append((f"prefill, batch {b} (s)", t["ours"], t["transformers"]))
+    decode, generated = {}, {}  # tokens/s of the decoding steps alone; of the whole generate call
+    for b in (1, 8):
+        batch = make_batch(config, b, 0, device)
+        fns = {(s, n): lambda s=s, n=n: generate(s, models[s], batch, n, compiled)
+               for s in sides for n in (1, NEW_TOKENS)}
+        if b == 1:  # the memory-bandwidth bound, timed in turns with the decoding it bounds
+            fns["matvec", 1], matvec_bytes = matvecs(device, dtype)
+            if compiled:  # and what a user of transformers gets by default
+                fns |= {("default", n): lambda n=n: generate("transformers", models["transformers"], batch, n)
+                        for n in (1, NEW_TOKENS)}
+        t = alternate(fns, repeat, device)
+        if b == 1:
+            bandwidth = matvec_bytes / t.pop(("matvec", 1))
+        generated[b] = {s: b * NEW_TOKENS / t[s, NEW_TOKENS] for s, n in t if n == NEW_TOKENS}
+        # Generating 1 token is the prefill and the first token; the difference is NEW_TOKENS - 1 steps.
+        decode[b] = {s: b * (NEW_TOKENS - 1) / (t[s, NEW_TOKENS] - t[s, 1]) for s, n in t if n == NEW_TOKENS}
+        rows.append((f"generate {NEW_TOKENS} tokens, batch {b} (tokens/s)", generated[b]["ours"],
+                     generated[b]["transformers"]))
+        rows.append(("  its decoding steps alone (tokens/s)", decode[b]["ours"], decode[b]["transformers"]))
+        if "default" in generated[b]:
+            rows.append(("  generate vs transformers' default (eager)", generated[b]["ours"], generated[b]["default"]))
+            rows.append(("  decoding steps vs transformers' default", decode[b]["ours"], decode[b]["default"]))
+    return rows, decode, generated, bandwidth
+
+
+def training_rows(folder: Path, config, device, dtype, repeat: int, modes) -> tuple[list, dict, dict]:
+    """Each mode's training step at batch 8, timed in turns in this process, and its peak memory measured in
+    a fresh process per side: (rows, trainable parameters per mode, seconds per mode and side)."""
+    rows, n_trainable, seconds, batch = [], {}, {}, make_batch(config, 8, SUFFIX, device)
+    what = "peak GPU memory allocated" if device.type == "cuda" else "peak RSS"
+    torch.set_grad_enabled(True)
+    for name in modes:
+        mode, quantize = TRAINING[name]
+        steps = {}
+        for s in ("ours", "transformers"):
+            steps[s], _, params = trainer(s, load(s, folder, dtype, device, mode if quantize else None), dtype, device,
+                                          mode)
+            n_trainable[mode] = sum(p.numel() for p in params)
+        t = seconds[name] = alternate({s: lambda s=s: steps[s](batch) for s in steps}, repeat, device)
+        rows.append((f"{name} train step, batch 8 (s)", t["ours"], t["transformers"]))
+        steps.clear()  # free both models before the memory measurements
+        memory = {s: in_fresh_process(train_memory, s, folder, dtype, device, 8, mode, quantize)[0] for s in t}
+        rows.append((f"  its {what} (GiB)", memory["ours"], memory["transformers"]))
+    torch.set_grad_enabled(False)
+    return rows, n_trainable, seconds
+
+
+def full_training_table(folder: Path, device, dtype, batch_size: int):
+    """The whole paligemma-3b-pt-224: each training step of TRAINING, with and without gradient
+    checkpointing, each side in a fresh process: peak memory and the step's time."""
+    what = "peak GPU memory allocated" if device.type == "cuda" else "peak RSS above the process before the model"
+    print(f"\npaligemma-3b-pt-224, random weights, frozen weights in {dtype}; one training step (AdamW, its state "
+          f"allocated before), batch {batch_size}, {256 + PROMPT + SUFFIX} tokens ({PROMPT} of prompt, {SUFFIX} of "
+          f"suffix), each in a fresh process; {what}, GiB; seconds of the step")
+    print(f"{'':52} {'ours':>8} {'theirs':>8} {'ratio':>7} {'ours s':>8} {'theirs s':>9} {'ratio':>7}")
+    for name, (mode, quantize) in TRAINING.items():
+        for checkpointing in (False, True):
+            (m1, s1), (m2, s2) = (in_fresh_process(train_memory, side, folder, dtype, device, batch_size, mode,
+                                                   quantize, checkpointing) for side in ("ours", "transformers"))
+            label = name + (", --grad-checkpointing" if checkpointing else "")
+            print(f"{label:52} {m1:8.2f} {m2:8.2f} {m1 / m2:6.2f}x {s1:8.1f} {s2:9.1f} {s1 / s2:6.2f}x", flush=True)
+
+
+def decoding_limit(config, dtype, bandwidth: float) -> tuple[float, int]:
+    """The memory-bandwidth limit of decoding at batch 1 (tokens/s): every decoder weight and the output head
+    read once per token; and the decoder's parameters."""
+    text = config.text_config
+    per_layer = text.hidden_size * text.head_dim * (2 * text.num_attention_heads + 2 * text.num_key_value_heads) \
+        + 3 * text.hidden_size * text.intermediate_size + 2 * text.hidden_size
+    weight_bytes = (text.num_hidden_layers * per_layer + text.vocab_size * text.hidden_size) \
+        * torch.finfo(dtype).bits // 8
+    print(f"weights read per decoded token: {weight_bytes / 2**30:.2f} GiB; measured bandwidth "
+          f"{bandwidth / 1e9:.1f} GB/s -> limit {bandwidth / weight_bytes:.1f} tokens/s at batch 1")
+    return bandwidth / weight_bytes, text.num_hidden_layers * per_layer
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: full on a GPU, cpu on a CPU")
@@ -233,6 +373,7 @@ def main():
     p.add_argument("--repeat", type=int, default=3, help="timed runs of each measurement and side")
     p.add_argument("--compile", action="store_true",
                    help="compile the decoding of both sides (ours: decode_step; transformers: static cache)")
+    p.add_argument("--train-batch", type=int, default=8, help="--preset full: the training steps' batch size")
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="the GPU's dense bfloat16 peak, for MFU (H100/H200: 989)")
     p.add_argument("--memory-table", action="store_true",
@@ -242,102 +383,43 @@ def main():
         return memory_table()
     device = torch.device(args.device)
     preset = args.preset or ("full" if device.type == "cuda" else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = torch.bfloat16 if device.type == "cuda" or preset == "full" else torch.float32
     torch.set_grad_enabled(False)
-    rows = []  # (what, ours, transformers)
-
+    print(f"preset {preset} ({dtype}, {device}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"transformers {transformers.__version__}, peft {peft.__version__})", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         config = make_checkpoint(folder, preset, dtype)
-        sides = ("ours", "transformers")
-        t = alternate({s: lambda s=s: load(s, folder, dtype, device) for s in sides}, args.repeat, device)
-        rows.append(("load (s)", t["ours"], t["transformers"]))
-        models = {s: load(s, folder, dtype, device) for s in sides}
-        if args.compile:
-            models["ours"].decode_step = torch.compile(models["ours"].decode_step)
-
-        for b in (1, 8):
-            batch = make_batch(config, b, 0, device)
-            t = alternate({s: lambda s=s: prefill(s, models[s], batch) for s in sides}, args.repeat, device)
-            rows.append((f"prefill, batch {b} (s)", t["ours"], t["transformers"]))
-        decode, generated = {}, {}  # tokens/s of the decoding steps alone; of the whole generate call
-        for b in (1, 8):
-            batch = make_batch(config, b, 0, device)
-            fns = {(s, n): lambda s=s, n=n: generate(s, models[s], batch, n, args.compile)
-                   for s in sides for n in (1, NEW_TOKENS)}
-            if b == 1:  # the memory-bandwidth bound, timed in turns with the decoding it bounds
-                fns["matvec", 1], matvec_bytes = matvecs(device, dtype)
-                if args.compile:  # and what a user of transformers gets by default
-                    fns |= {("default", n): lambda n=n: generate("transformers", models["transformers"], batch, n)
-                            for n in (1, NEW_TOKENS)}
-            t = alternate(fns, args.repeat, device)
-            if b == 1:
-                bw = matvec_bytes / t.pop(("matvec", 1))
-            generated[b] = {s: b * NEW_TOKENS / t[s, NEW_TOKENS] for s, n in t if n == NEW_TOKENS}
-            # Generating 1 token is the prefill and the first token; the difference is NEW_TOKENS - 1 steps.
-            decode[b] = {s: b * (NEW_TOKENS - 1) / (t[s, NEW_TOKENS] - t[s, 1]) for s, n in t if n == NEW_TOKENS}
-            rows.append((f"generate {NEW_TOKENS} tokens, batch {b} (tokens/s)",
-                         generated[b]["ours"], generated[b]["transformers"]))
-            rows.append(("  its decoding steps alone (tokens/s)", decode[b]["ours"], decode[b]["transformers"]))
-            if "default" in generated[b]:
-                rows.append(("  generate vs transformers' default (eager)", generated[b]["ours"],
-                             generated[b]["default"]))
-                rows.append(("  decoding steps vs transformers' default", decode[b]["ours"], decode[b]["default"]))
-
-        torch.set_grad_enabled(True)
-        batch = make_batch(config, 8, SUFFIX, device)
-        what = "peak GPU memory allocated" if device.type == "cuda" else "peak RSS"
-        n_trainable, train_time = {}, {}
-        for mode, name in (("attn", "attention-only"), ("lora", "LoRA r=8 q/k/v/o")):
-            steps = {}
-            for s in sides:
-                if s not in models:  # freed after the attention-only row: LoRA starts from the checkpoint again
-                    models[s] = load(s, folder, dtype, device)
-                steps[s], n_trainable[mode] = trainer(s, models[s], dtype, device, mode)
-            t = train_time[mode] = alternate({s: lambda s=s: steps[s](batch) for s in sides}, args.repeat, device)
-            rows.append((f"{name} train step, batch 8 (s)", t["ours"], t["transformers"]))
-            models.clear(), steps.clear()  # free both models before the memory measurements
-            memory = {}
-            for s in sides:
-                with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                    memory[s] = pool.submit(train_memory, s, folder, dtype, device, 8, mode).result()
-            rows.append((f"  its {what} (GiB)", memory["ours"], memory["transformers"]))
-
-    print(f"\npreset {preset} ({dtype}, {device}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"transformers {transformers.__version__}); medians of {args.repeat}"
-          + (", compiled" if args.compile else ""))
-    print(f"{'':48} {'ours':>12} {'transformers':>13} {'ours/theirs':>12}")
-    for what, ours, theirs in rows:
-        print(f"{what:48} {ours:12.4g} {theirs:13.4g} {ours / theirs:11.2f}x")
-
-    # The memory-bandwidth limit of decoding at batch 1: every decoder weight and the output head once per token.
-    text = config.text_config
-    per_layer = text.hidden_size * text.head_dim * (2 * text.num_attention_heads + 2 * text.num_key_value_heads) \
-        + 3 * text.hidden_size * text.intermediate_size + 2 * text.hidden_size
-    weight_bytes = (text.num_hidden_layers * per_layer + text.vocab_size * text.hidden_size) \
-        * torch.finfo(dtype).bits // 8
-    limit = bw / weight_bytes
-    print(f"\nweights read per decoded token: {weight_bytes / 2**30:.2f} GiB; measured bandwidth {bw / 1e9:.1f} GB/s "
-          f"-> limit {limit:.1f} tokens/s at batch 1. Decoding steps reach: ours {decode[1]['ours'] / limit:.0%}, "
-          f"transformers {decode[1]['transformers'] / limit:.0%}; whole generate calls (with the prefill): "
-          f"ours {generated[1]['ours'] / limit:.0%}, transformers {generated[1]['transformers'] / limit:.0%}")
-    print(f"trainable parameters: attention only {n_trainable['attn']:,}, LoRA {n_trainable['lora']:,}")
-    with torch.device("meta"):  # the whole paligemma-3b-pt-224 (default config), built without memory
-        full = PaliGemma(PaliGemmaConfig())
-    n_base = sum(p.numel() for p in full.parameters())
-    n_lora = sum(full.get_parameter(name).numel() for name in add_lora(full, rank=8, alpha=16))
-    print(f"paligemma-3b-pt-224 with LoRA r=8 on q/k/v/o: {n_lora:,} trainable parameters, adapter file "
-          f"{n_lora * 4 / 2**20:.1f} MiB (float32); the model has {n_base:,}")
-    if device.type == "cuda":
-        n_image = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
-        tokens = 8 * (n_image + PROMPT + SUFFIX)
-        decoder = text.num_hidden_layers * per_layer
-        v = config.vision_config
-        vision = v.num_hidden_layers * (4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size)
-        # forward everywhere; backward: input gradients through the decoder, weight gradients of attention only
-        flops = 2 * 8 * n_image * vision + 4 * tokens * decoder + 2 * tokens * n_trainable["attn"]
-        mfu = flops / train_time["attn"]["ours"] / (args.peak_tflops * 1e12)
-        print(f"train step model-FLOPs utilisation (ours, approximate): {mfu:.1%} of {args.peak_tflops:g} TFLOPS")
+        if preset == "full" and device.type == "cpu":  # decoding 3B on a few CPU cores would take hours
+            return full_training_table(folder, device, dtype, args.train_batch)
+        rows, decode, generated, bandwidth = decoding_rows(folder, config, device, dtype, args.repeat, args.compile)
+        modes = list(TRAINING)[:3] if preset != "full" else ["attention-only", "LoRA r=8 q/k/v/o"]
+        train_rows, n_trainable, seconds = training_rows(folder, config, device, dtype, args.repeat, modes)
+        print(f"\nmedians of {args.repeat}" + (", compiled" if args.compile else ""))
+        print(f"{'':54} {'ours':>12} {'transformers':>13} {'ours/theirs':>12}")
+        for what, ours, theirs in rows + train_rows:
+            print(f"{what:54} {ours:12.4g} {theirs:13.4g} {ours / theirs:11.2f}x")
+        limit, decoder = decoding_limit(config, dtype, bandwidth)
+        print(f"Decoding steps reach: ours {decode[1]['ours'] / limit:.0%}, transformers "
+              f"{decode[1]['transformers'] / limit:.0%}; whole generate calls (with the prefill): ours "
+              f"{generated[1]['ours'] / limit:.0%}, transformers {generated[1]['transformers'] / limit:.0%}")
+        print(f"trainable parameters: attention only {n_trainable['attn']:,}, LoRA {n_trainable['lora']:,}")
+        with torch.device("meta"):  # the whole paligemma-3b-pt-224 (default config), built without memory
+            full = PaliGemma(PaliGemmaConfig())
+        n_base = sum(p.numel() for p in full.parameters())
+        n_lora = sum(full.get_parameter(name).numel() for name in add_lora(full, rank=8, alpha=16))
+        print(f"paligemma-3b-pt-224 with LoRA r=8 on q/k/v/o: {n_lora:,} trainable parameters, adapter file "
+              f"{n_lora * 4 / 2**20:.1f} MiB (float32); the model has {n_base:,}")
+        if device.type == "cuda":
+            n_image = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
+            tokens = 8 * (n_image + PROMPT + SUFFIX)
+            v = config.vision_config
+            vision = v.num_hidden_layers * (4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size)
+            # forward everywhere; backward: input gradients through the decoder, weight gradients of attention only
+            flops = 2 * 8 * n_image * vision + 4 * tokens * decoder + 2 * tokens * n_trainable["attn"]
+            mfu = flops / seconds["attention-only"]["ours"] / (args.peak_tflops * 1e12)
+            print(f"train step model-FLOPs utilisation (ours, approximate): {mfu:.1%} of {args.peak_tflops:g} TFLOPS")
+            full_training_table(folder, device, dtype, args.train_batch)
 
 
 if __name__ == "__main__":

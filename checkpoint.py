@@ -18,11 +18,15 @@ OUT/optimizer-stepN/, and the weights are gathered to process 0 one tensor at a 
 """
 
 import contextlib
+import fcntl
 import functools
+import hashlib
 import json
+import math
 import os
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -32,8 +36,9 @@ from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, se
 from torch.distributed.tensor import DTensor
 
 from cli import fail, log
-from lora import adapter_config, adapter_state, merge_lora
-from paligemma import official_state_dict
+from lora import adapter_base, adapter_config, adapter_state, load_adapter, merge_lora
+from nf4 import NF4Linear
+from paligemma import PaliGemma, checkpoint_index, official_name, official_state_dict, resolve_checkpoint
 
 WEIGHTS = ("model.safetensors", "adapter_model.safetensors")  # a full checkpoint's, an adapter's
 CHECKPOINT_FILES = (*WEIGHTS, "model.safetensors.index.json", "train_state.pt")  # what an earlier run leaves
@@ -67,22 +72,40 @@ def unsharded(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]):
+class Stored(NamedTuple):
+    """A tensor left where a safetensors file stores it, read only when it is written out."""
+    file: Path
+    key: str
+
+    def header(self) -> tuple[str, list[int], int]:
+        """Its dtype (safetensors' name), shape and size in bytes."""
+        with safe_open(self.file, framework="pt") as f:
+            s = f.get_slice(self.key)
+            dtype, shape = s.get_dtype(), s.get_shape()
+        return dtype, shape, math.prod(shape) * {"F64": 8, "F32": 4, "I64": 8, "BF16": 2, "F16": 2}[dtype]
+
+    def load(self) -> torch.Tensor:
+        with safe_open(self.file, framework="pt") as f:
+            return f.get_tensor(self.key)
+
+
+def write_safetensors(path: Path, tensors: dict[str, "torch.Tensor | Stored"], metadata: dict[str, str]):
     """The safetensors format, written tensor by tensor: an 8-byte header length, a JSON header of
     names, dtypes, shapes and byte ranges, then the bytes. (safetensors' own save_file writes through
     a temporary file of its own, with a random name and mode 0600.)"""
     header, offset = {"__metadata__": metadata}, 0
     for name, t in tensors.items():
-        size = t.numel() * t.element_size()
-        header[name] = dict(dtype=SAFETENSORS_DTYPES[t.dtype], shape=list(t.shape),
-                            data_offsets=[offset, offset + size])
+        dtype, shape, size = t.header() if isinstance(t, Stored) else \
+            (SAFETENSORS_DTYPES[t.dtype], list(t.shape), t.numel() * t.element_size())
+        header[name] = dict(dtype=dtype, shape=shape, data_offsets=[offset, offset + size])
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
     with open(path, "wb") as f:
         f.write(len(encoded).to_bytes(8, "little") + encoded)
         for t in tensors.values():
-            f.write(unsharded(t).detach().to("cpu").contiguous().view(torch.uint8).numpy().data)
+            t = t.load() if isinstance(t, Stored) else unsharded(t)
+            f.write(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().data)
 
 
 def write_json(path: Path, value):
@@ -91,6 +114,23 @@ def write_json(path: Path, value):
 
 # ----------------------------------------------------------------------------------------------
 # Checkpoints and adapters
+
+
+def checkpoint_weights(model, source: Path) -> dict[str, "torch.Tensor | Stored"]:
+    """The model's tensors under the official names; a 4-bit layer's weight as `source` (the checkpoint it
+    was read from) stores it, in full precision, read as it is written (its codes are no checkpoint's)."""
+    quantized = {name for name, m in model.named_modules() if isinstance(m, NF4Linear)}
+    if not quantized:
+        return official_state_dict(model)
+    index = checkpoint_index(source)  # our name -> (key, file, shape)
+    weights = {}
+    for name, t in model.state_dict().items():
+        layer, _, what = name.rpartition(".")
+        if layer not in quantized or what == "bias":
+            weights[official_name(name)] = t
+        elif what == "weight":
+            weights[official_name(name)] = Stored(index[name][1], index[name][0])
+    return weights
 
 
 def write_config(folder: Path, source: Path, no_final_softcap: bool):
@@ -118,12 +158,15 @@ def save_adapter(folder: Path, model, base_model: str, metadata: dict[str, str] 
 
 
 def save_checkpoint(out: Path, step: int, model, optimizer, scaler, *, source: Path, lora_base: str | None,
-                    options: dict, no_final_softcap: bool, sharded: bool):
+                    options: dict, no_final_softcap: bool, sharded: bool, wandb_id: str | None = None):
     """The weights (an official-layout checkpoint, or with `lora_base` the adapter in PEFT's format) plus
     the train state of `step`, crash-consistent (see the module docstring). A failed write (a full disk)
     stops the run with the previous checkpoint intact. Under --fsdp (`sharded`) every process calls it."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    weights = official_state_dict(model) if lora_base is None else adapter_state(model)
+    if rank == 0 and not out.is_dir():
+        log(f"{out} was deleted during training; it is made again for the checkpoint of step {step}")
+        out.mkdir(parents=True, exist_ok=True)
+    weights = checkpoint_weights(model, source) if lora_base is None else adapter_state(model)
     metadata = {"format": "pt", "step": str(step)}
     step_written = False
     try:
@@ -135,7 +178,7 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scaler, *, source: P
                 unsharded(t)  # take part in process 0's gathering
             return
         state = dict(step=step, optimizer=f"optimizer-step{step}" if sharded else optimizer.state_dict(),
-                     scaler=scaler.state_dict(), options=options, processes=world)
+                     scaler=scaler.state_dict(), options=options, processes=world, wandb_id=wandb_id)
         if lora_base is None:
             write_config(out, source, no_final_softcap)
         else:
@@ -155,21 +198,82 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scaler, *, source: P
     log(f"saved {out} at step {step}")
 
 
-def save_merged(folder: Path, source: Path, model, no_final_softcap: bool):
+def save_merged(folder: Path, source: Path, model, no_final_softcap: bool, adapter: Path):
     """The model with its LoRA merged, as an official-layout checkpoint in `folder`, without adapter files:
-    transformers with peft installed would apply an adapter found beside config.json a second time."""
+    transformers with peft installed would apply an adapter found beside config.json a second time. A
+    4-bit base is read again from `source` in full precision, and the saved `adapter` applied to it."""
     try:
+        if any(isinstance(m, NF4Linear) for m in model.modules()):
+            log(f"--merge: the adapter is merged into the full-precision weights of {source}, read again (on the "
+                "CPU), not into their 4-bit codes")
+            model = PaliGemma.from_pretrained(source, dtype=model.language_model.embed_tokens.weight.dtype)
+            load_adapter(model, adapter)
         folder.mkdir(exist_ok=True)
         write_config(folder, source, no_final_softcap)
         weights = official_state_dict(merge_lora(model))
         write_atomically(folder / WEIGHTS[0], lambda tmp: write_safetensors(tmp, weights, {"format": "pt"}))
-    except OSError as e:
-        fail(f"cannot write the merged model into {folder} ({e.strerror or e}); the adapter is saved")
+    except (OSError, ValueError) as e:
+        fail(f"cannot write the merged model into {folder} ({getattr(e, 'strerror', None) or e}); the adapter is saved")
     log(f"saved the merged model in {folder}")
 
 
 # ----------------------------------------------------------------------------------------------
 # Reading back: --resume
+#
+# train_state.pt keeps the options of the run. On --resume, an option the command line does not give takes
+# the run's value again; one it gives with another value is refused (naming both values) if it must match,
+# and applied (and said, in one line) if it may change. An adapter's base model must match too.
+
+RESUME_MUST_MATCH = ("trainable", "optimizer", "lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "rslora",
+                     "fsdp", "quantize", "batch_size", "grad_accum", "no_final_softcap")
+RESUME_MAY_CHANGE = ("lr", "weight_decay", "warmup", "clip", "max_len", "seed", "steps", "data")
+
+
+def run_options(args, steps: int) -> dict:
+    """What train_state.pt keeps of the options: RESUME_MUST_MATCH and RESUME_MAY_CHANGE, the data's digest."""
+    options = {k: getattr(args, k) for k in RESUME_MUST_MATCH + RESUME_MAY_CHANGE} | dict(steps=steps)
+    return options | dict(data=str(args.data), data_sha256=hashlib.sha256(args.data.read_bytes()).hexdigest())
+
+
+def resume_options(args, given: set[str], saved: dict, out: Path):
+    """The run's options again: each saved one not given takes its saved value (but --fsdp, which is how the
+    run is launched); one given with another value is refused, or applied with one line (the steps: where
+    the schedule is known, train.py)."""
+    show = lambda v: ",".join(v) if isinstance(v, tuple) else v  # noqa: E731
+    given = given | ({"steps"} if "epochs" in given else set())
+    for name in (n for n in RESUME_MUST_MATCH + RESUME_MAY_CHANGE if n in saved):
+        if name not in given and name != "fsdp":
+            setattr(args, name, Path(saved[name]) if name == "data" else saved[name])
+            continue
+        now = getattr(args, name)
+        if name in RESUME_MUST_MATCH and now != saved[name]:
+            fail(f"{out} was trained with --{name.replace('_', '-')} {show(saved[name])}, not {show(now)}")
+        elif name == "data" and hashlib.sha256(now.read_bytes()).hexdigest() != saved["data_sha256"]:
+            log(f"--resume: {now} is not the data the run began with ({saved['data']}, other lines now): "
+                "the remaining steps draw from it as it is")
+        elif name not in ("data", "steps") and now != saved[name]:
+            log(f"--resume: --{name.replace('_', '-')} {show(now)} from here on (the run had {show(saved[name])})")
+
+
+
+def starting_point(out: Path, model: str, resume: bool, lora: bool, model_given: bool) -> tuple[Path, str | None]:
+    """The folder whose weights and tokenizer a run starts from: `model` (a folder, or a hub id downloaded),
+    or on resume the run in `out`; with LoRA, always the base model, whose name the adapter records
+    (returned second: a hub id or a folder's absolute path; None without LoRA). An adapter resumed with a
+    --model (`model_given`) other than its base is refused."""
+    try:
+        if resume and not lora and (out / "adapter_config.json").is_file():
+            raise ValueError(f"{out} holds a LoRA adapter: resume it with --trainable lora (and its --lora-* options)")
+        local = Path(model).expanduser()
+        named = str(local.resolve()) if local.is_dir() else model
+        base = None if not lora else adapter_base(out) if resume else named
+        if lora and resume and model_given and named != base:
+            raise ValueError(f"{out} is an adapter of {base}, not of --model {model}: leave --model out to resume it")
+        source = out if resume and not lora else resolve_checkpoint(base or model, ["*.json", "*.safetensors",
+                                                                                     "tokenizer.model"])
+        return source, base
+    except (OSError, ValueError) as e:
+        fail(str(e))
 
 
 def read_train_state(out: Path, device) -> tuple[dict, str]:
@@ -190,36 +294,36 @@ def read_train_state(out: Path, device) -> tuple[dict, str]:
         except Exception as e:  # truncated or not a torch file: pickle, zip and torch raise many types
             fail(f"--resume: {out / name} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
         if state.get("step") == step:
+            if missing := [k for k in ("optimizer", "scaler", "options", "processes") if k not in state]:
+                fail(f"--resume: {out / name} has no {', '.join(missing)}: it was not written by this train.py")
             return state, name
     fail(f"--resume: {out} holds weights of step {step} but no train state of that step")
 
 
-def read_resume_state(out: Path, device, options: dict, steps: int, world: int, sharded: bool) -> tuple[dict, str]:
-    """read_train_state, checked against the run that resumes it: the same `options` (those saved), more
-    `steps` than it has done, and under --fsdp (`sharded`) as many processes as saved its optimizer state."""
-    state, state_file = read_train_state(out, device)
-    show = lambda v: ",".join(v) if isinstance(v, tuple) else v  # noqa: E731
-    for option, value in options.items():
-        if state.get("options", {}).get(option, value) != value:
-            fail(f"{out} was trained with --{option.replace('_', '-')} {show(state['options'][option])}, "
-                 f"not {show(value)}")
+def check_resume(state: dict, out: Path, steps: int, world: int, sharded: bool):
+    """A train state against the run that resumes it: more `steps` than it has done, and under --fsdp
+    (`sharded`) as many processes as saved its optimizer state."""
     if state["step"] >= steps:
         fail(f"--resume: {out} is at step {state['step']} already; ask for more --steps than that")
     if sharded and state["processes"] != world:
         fail(f"--resume: {out} was saved by {state['processes']} processes under --fsdp, and its optimizer state "
              f"is sharded {state['processes']} ways: resume with torchrun --nproc_per_node={state['processes']}, "
              f"not {world}")
-    return state, state_file
 
 
-def load_optimizer_state(optimizer, state: dict, out: Path, model, sharded: bool):
-    """The optimizer's state from a train state: in it, or (--fsdp) each process's shard read from the
-    optimizer-stepN/ folder it names."""
-    if not sharded:
-        return optimizer.load_state_dict(state["optimizer"])
-    shards = {"optimizer": get_optimizer_state_dict(model, optimizer)}
-    dcp.load(shards, checkpoint_id=out / state["optimizer"])
-    set_optimizer_state_dict(model, optimizer, shards["optimizer"])
+def load_optimizer_state(optimizer, scaler, state: dict, out: Path, model, sharded: bool, weight_decay: float):
+    """The optimizer's and the loss scaler's state from a train state: in it, or (--fsdp) each process's
+    optimizer shard read from the optimizer-stepN/ folder it names; with this run's `weight_decay`."""
+    if sharded:
+        shards = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+        dcp.load(shards, checkpoint_id=out / state["optimizer"])
+        set_optimizer_state_dict(model, optimizer, shards["optimizer"])
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+    for group in optimizer.param_groups:  # the saved state would bring back the run's own weight decay
+        group["weight_decay"] = weight_decay
+    if state["scaler"] and scaler.is_enabled():  # empty when the run so far was not in float16
+        scaler.load_state_dict(state["scaler"])
 
 
 def remove_leftovers(out: Path, keep: str | None = None):
@@ -237,14 +341,20 @@ def remove_leftovers(out: Path, keep: str | None = None):
 # --out, before a run and as it starts
 
 
-def check_out_folder(out: Path, model: str, resume: bool, overwrite: bool):
-    """--out against --model and against what it holds, before anything is loaded: never the source
-    model, a file, or unwritable; an earlier run's checkpoint only with --resume or --overwrite."""
+def check_out_folder(out: Path, model: str, resume: bool, overwrite: bool, data: list[Path]):
+    """--out against --model, the data and what it holds, before anything is loaded: never the source
+    model, the folder of a data file, a file, or unwritable; an earlier run's checkpoint only with --resume
+    or --overwrite."""
+    if out.is_symlink() and not out.exists():
+        fail(f"--out {out} is a symbolic link to {os.readlink(out)}, which does not exist")
     given, out, source = out, out.resolve(), Path(model).expanduser().resolve()
     if not resume and Path(model).expanduser().is_dir() and (
             out == source or out.is_relative_to(source) or source.is_relative_to(out)):
         fail(f"--out {given} and --model {model} are the same folder or one holds the other: "
              "the checkpoint being fine-tuned would be overwritten; choose another --out")
+    if holds := [f for f in data if f.resolve().is_relative_to(out)]:
+        fail(f"--out {given} holds the data file {holds[0]}: the checkpoint would be written among the data; "
+             "choose another --out")
     existing = next((p for p in [out, *out.parents] if p.exists()), None)
     if existing is not None and not existing.is_dir():
         fail(f"--out {given}: {existing} is a file, not a folder")
@@ -260,17 +370,36 @@ def check_out_folder(out: Path, model: str, resume: bool, overwrite: bool):
              "replace it with --overwrite, or choose another --out")
 
 
-def prepare_out_folder(out: Path, resumed: dict | None, overwrite: bool, lora: bool) -> Path:
+def lock_out_folder(out: Path):
+    """Creates --out and holds a lock on OUT/train.lock for as long as this process lives (the kernel
+    releases it when the process ends, even by kill -9): a second run into the same --out is refused. A POSIX
+    record lock (lockf): the DataLoader's forked workers do not inherit it, so a killed run leaves none."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = open(out / "train.lock", "a+")
+    except OSError as e:
+        fail(f"--out {out}: cannot be created ({e.strerror or e})")
+    try:
+        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        fail(f"--out {out} is in use by another train.py run (process {lock.read().strip() or 'unknown'}); "
+             "wait for it to end, or choose another --out")
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock  # kept open: the lock lasts as long as the file object
+
+
+def prepare_out_folder(out: Path, resumed: dict | None, overwrite: bool, lora: bool):
     """--out made ready for this run: a save that a kill interrupted finished, its leftovers removed; with
     `overwrite`, what of the earlier run this one would not replace (its train state, a sharded model,
-    weights of the other kind: an adapter beside a config.json is taken for base + adapter);
-    metrics.jsonl kept up to the step resumed from. `resumed`: {"step", "file", "optimizer"} of the train
-    state read back, or None. Returns the metrics file."""
+    weights of the other kind: an adapter beside a config.json is taken for base + adapter). `resumed`:
+    {"step", "file", "optimizer"} of the train state read back, or None."""
     out.mkdir(parents=True, exist_ok=True)
     if resumed and resumed["file"] == NEXT_STATE:
         os.replace(out / NEXT_STATE, out / "train_state.pt")
     remove_leftovers(out, keep=resumed and resumed["optimizer"])
-    start = resumed["step"] if resumed else 0
     if overwrite:
         other = ("model.safetensors", "config.json") if lora else ("adapter_model.safetensors", "adapter_config.json")
         stale = ["train_state.pt", "model.safetensors.index.json", *other]
@@ -280,7 +409,3 @@ def prepare_out_folder(out: Path, resumed: dict | None, overwrite: bool, lora: b
         for name in removed:
             (out / name).unlink()
         log(f"--overwrite: {out}'s earlier run is replaced" + (f"; removed {', '.join(removed)}" if removed else ""))
-    metrics_file = out / "metrics.jsonl"
-    lines = metrics_file.read_text().splitlines() if resumed and metrics_file.exists() else []
-    metrics_file.write_text("".join(line + "\n" for line in lines if json.loads(line).get("step", 0) <= start))
-    return metrics_file

@@ -38,6 +38,26 @@ def number(kind=float, low=-math.inf, high=math.inf, above=False):
     return parse
 
 
+class DefaultsFormatter(argparse.HelpFormatter):
+    """--help shows each option's default, where it has one."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+            default = ",".join(action.default) if isinstance(action.default, tuple) else action.default
+            text += f" (default: {default})"
+        return text
+
+
+def parse_given(p: argparse.ArgumentParser, argv) -> tuple[argparse.Namespace, set[str]]:
+    """The parsed options, and the names of those the command line gives (the others keep their defaults:
+    argparse sets a default only where the namespace has no value yet)."""
+    args = p.parse_args(argv)
+    unset = object()
+    probe = p.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), unset)))
+    return args, {name for name, value in vars(probe).items() if value is not unset}
+
+
 def add_device_options(p: argparse.ArgumentParser):
     p.add_argument("--device", default=None, help="default: cuda, then mps, then cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,

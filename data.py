@@ -19,11 +19,14 @@ import argparse
 import contextlib
 import functools
 import json
+import math
 import os
+import random
 import signal
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -32,17 +35,15 @@ from PIL import Image, ImageDraw
 
 from checkpoint import write_atomically
 from cli import fail, log
-from detections import segment_tokens
-from processor import Processor, load_image
+from detections import prompt_names, segment_tokens
+from processor import MAX_PIXELS, Processor, load_image
 
 LARGE_IMAGE = 4096 * 4096  # pixels; such images are decoded one at a time when the data is checked
 _one_large_image = threading.Lock()
 
 
-def check_line(path: Path, line_no: int, raw: bytes, check=None) -> tuple[dict | None, str | None]:
-    """One JSONL line -> (example, None) or (None, "file:line: what is wrong"). The image is decoded and
-    dropped: the check holds no pixels, and decodes one large image at a time. `check(example)` may
-    add a reason of the caller's."""
+def parse_line(path: Path, line_no: int, raw: bytes) -> tuple[dict | None, str | None]:
+    """One JSONL line -> (its record, None) or (None, "file:line: what is wrong")."""
     where = f"{path}:{line_no}"
     try:
         record = json.loads(raw.decode("utf-8-sig" if line_no == 1 else "utf-8"))  # a BOM may open the file
@@ -50,29 +51,54 @@ def check_line(path: Path, line_no: int, raw: bytes, check=None) -> tuple[dict |
         return None, f"{where}: not UTF-8 text (byte {e.start + 1} of the line)"
     except json.JSONDecodeError as e:
         return None, f"{where}: not valid JSON ({e.msg})"
+    except RecursionError:
+        return None, f"{where}: nested too deeply to be an example"
     if not isinstance(record, dict):
         return None, f"{where}: expected a JSON object with image, prefix and suffix"
     missing = [k for k in ("image", "prefix", "suffix") if not isinstance(record.get(k), str)]
     if missing:
         return None, f"{where}: missing or not a string: {', '.join(missing)}"
-    image = path.parent / record["image"]
-    try:
-        with Image.open(image) as im:  # the header only, for the size
-            large = im.width * im.height > LARGE_IMAGE
+    for key in ("image", "prefix", "suffix"):
+        try:
+            record[key].encode("utf-8")
+        except UnicodeEncodeError as e:  # a valid JSON escape of no character, e.g. "\\ud800" alone
+            return None, f"{where}: {key} holds {record[key][e.start]!r}, half of a UTF-16 pair: not text"
+    return record, None
+
+
+def check_image(image: Path, max_pixels: int) -> str | None:
+    """Why an image cannot be trained on, or None; decoded and dropped, one large image at a time."""
+    try:  # the header only, for the size (of a regular file: opening a FIFO would wait for a writer)
+        with Image.open(image) if image.is_file() else contextlib.nullcontext() as im:
+            large = im is not None and im.width * im.height > LARGE_IMAGE
     except Exception:  # load_image below says what is wrong
         large = False
     try:
         with _one_large_image if large else contextlib.nullcontext():
-            load_image(image)
+            load_image(image, max_pixels)
     except ValueError as e:
-        return None, f"{where}: image {e}"
-    example = dict(image=image, prefix=record["prefix"], suffix=record["suffix"])
-    why = check(example) if check else None
-    return (None, f"{where}: {why}") if why else (example, None)
+        return f"image {e}"
+    return None
 
 
-def read_jsonl(path: Path, skip_bad: bool, check=None) -> list[dict]:
-    """All examples of a JSONL file, every line checked (images decoded) before training starts."""
+def check_images(images: list[Path], max_pixels: int, source: Path) -> dict[Path, str | None]:
+    """check_image of each, in threads, with a progress line every 10 seconds; Ctrl-C stops it at once."""
+    pool, results, last = ThreadPoolExecutor(8), {}, time.monotonic()
+    try:
+        futures = {pool.submit(check_image, image, max_pixels): image for image in images}
+        for n, future in enumerate(as_completed(futures), 1):
+            results[futures[future]] = future.result()
+            if time.monotonic() - last > 10:
+                log(f"{source}: {n:,} of {len(images):,} images checked")
+                last = time.monotonic()
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+    return results
+
+
+def read_jsonl(path: Path, skip_bad: bool, check=None, max_pixels: int = MAX_PIXELS) -> list[dict]:
+    """All examples of a JSONL file, every line checked before training starts, and each distinct image
+    decoded once. `check(example)` may add a reason of the caller's."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -82,11 +108,17 @@ def read_jsonl(path: Path, skip_bad: bool, check=None) -> list[dict]:
     except OSError as e:
         fail(f"{path}: cannot be read ({e.strerror})")
     lines = [(n, line) for n, line in enumerate(raw.split(b"\n"), 1) if line.strip()]
-    log(f"{path}: checking {len(lines)} lines and their images")
-    with ThreadPoolExecutor(8) as pool:
-        checked = list(pool.map(lambda nl: check_line(path, *nl, check), lines))
-    examples = [e for e, _ in checked if e is not None]
-    errors = [err for _, err in checked if err is not None]
+    parsed = [(n, *parse_line(path, n, line)) for n, line in lines]
+    images = list(dict.fromkeys(path.parent / r["image"] for _, r, _ in parsed if r))
+    log(f"{path}: checking {len(lines):,} lines and their {len(images):,} images")
+    bad_image = check_images(images, max_pixels, path)
+    examples, errors = [], []
+    for n, record, error in parsed:
+        example = record and dict(image=path.parent / record["image"], prefix=record["prefix"],
+                                  suffix=record["suffix"])
+        why = error or bad_image[example["image"]] or (check(example) if check else None)
+        errors += [why if error else f"{path}:{n}: {why}"] if why else []
+        examples += [] if why else [example]
     if errors and not skip_bad:
         for err in errors[:20]:
             print(err, file=sys.stderr)
@@ -100,14 +132,14 @@ def read_jsonl(path: Path, skip_bad: bool, check=None) -> list[dict]:
 
 
 def read_datasets(train_file: Path, val_file: Path | None, processor: Processor, max_len: int, skip_bad: bool,
-                  val_examples: int) -> tuple[list[dict], list[dict]]:
-    """The training examples, each with room in `max_len` text tokens for its answer, and the first
-    `val_examples` of the validation file (none without one); every line checked."""
+                  val_examples: int, max_pixels: int = MAX_PIXELS) -> tuple[list[dict], list[dict]]:
+    """The training examples and the first `val_examples` of the validation file (none without one), every
+    line checked, each prompt with room in `max_len` text tokens for its answer."""
     def room_for_answer(example):
         n = len(processor.text_tokens(example["prefix"])[0])
         return f"the prompt is {n} tokens: --max-len {max_len} leaves no room for the answer" if n >= max_len else None
-    train_set = read_jsonl(train_file, skip_bad, room_for_answer)
-    val_set = read_jsonl(val_file, skip_bad)[:val_examples] if val_file else []
+    train_set = read_jsonl(train_file, skip_bad, room_for_answer, max_pixels)
+    val_set = read_jsonl(val_file, skip_bad, room_for_answer, max_pixels)[:val_examples] if val_file else []
     log(f"data: {len(train_set)} training examples from {train_file}; "
         + (f"{len(val_set)} validation examples from {val_file}" if val_file else "no validation file"))
     truncated = sum(len(processor.text_tokens(e["prefix"], e["suffix"])[0]) > max_len for e in train_set)
@@ -130,8 +162,8 @@ def default_val_file(train_file: Path) -> Path | None:
 
 def micro_batches(n: int, batch_size: int, grad_accum: int, seed: int, start: int, steps: int,
                   rank: int = 0, world: int = 1):
-    """The example indices process `rank` of `world` reads, micro-batch by micro-batch, from optimizer
-    step `start` on.
+    """The examples process `rank` of `world` reads, micro-batch by micro-batch, from optimizer step `start`
+    on, as (index, epoch) pairs.
 
     Each epoch is a permutation fixed by (seed, epoch). Optimizer step s takes the next
     batch_size * grad_accum * world examples; each micro-batch of them is split across the processes, so
@@ -144,9 +176,26 @@ def micro_batches(n: int, batch_size: int, grad_accum: int, seed: int, start: in
         if step // steps_per_epoch != epoch:
             epoch = step // steps_per_epoch
             order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        chunk = order[(step % steps_per_epoch) * per_step:][:per_step]
+        chunk = [(i, epoch) for i in order[(step % steps_per_epoch) * per_step:][:per_step]]
         for a in range(grad_accum):
             yield chunk[a * batch_size * world:(a + 1) * batch_size * world][rank::world]
+
+
+class Draws(torch.utils.data.Dataset):
+    """The examples by (index, epoch); with `shuffle_seed`, the objects of a detect or segment answer come in
+    an order fixed by (seed, epoch, index): another each epoch, the same again after --resume."""
+
+    def __init__(self, examples: list[dict], shuffle_seed: int | None = None):
+        self.examples, self.shuffle_seed = examples, shuffle_seed
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        index, epoch = key
+        example = self.examples[index]
+        if self.shuffle_seed is None or not prompt_names(example["prefix"]):
+            return example
+        objects = example["suffix"].split(" ; ")
+        random.Random(f"{self.shuffle_seed}:{epoch}:{index}").shuffle(objects)
+        return example | {"suffix": " ; ".join(objects)}
 
 
 def collate(examples: list[dict], processor: Processor, max_len: int) -> dict:
@@ -160,14 +209,14 @@ def collate(examples: list[dict], processor: Processor, max_len: int) -> dict:
 
 
 def ignore_signals(worker_id: int):
-    """In DataLoader workers: the main process handles Ctrl-C and SIGTERM (also when they are sent to the
-    whole process group), saves and stops the workers itself; torch's workers would die of SIGTERM."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    """In DataLoader workers: the main process handles Ctrl-C, SIGTERM and SIGHUP (also when they are sent to
+    the whole process group), saves and stops the workers itself; torch's workers would die of them."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
 
 
-def training_loader(examples: list[dict], processor: Processor, max_len: int, batches: list[list[int]]):
-    """The micro-batches (lists of example indices), collated in worker processes."""
+def training_loader(examples: Draws, processor: Processor, max_len: int, batches: list[list[tuple[int, int]]]):
+    """The micro-batches (lists of micro_batches' (index, epoch) pairs), collated in worker processes."""
     return torch.utils.data.DataLoader(
         examples, batch_sampler=batches, collate_fn=functools.partial(collate, processor=processor, max_len=max_len),
         num_workers=min(4, os.cpu_count() or 1), worker_init_fn=ignore_signals)
@@ -219,7 +268,8 @@ def coco_segmentation_examples(data: dict, vae):
     """A COCO instance-segmentation export (Roboflow's "COCO Segmentation": _annotations.coco.json beside the
     images), read as JSON, as train.py's examples. Yields, image by image, (examples, skipped): one example
     per class, prefix `segment <class>`, suffix each instance's box, 16 <seg> tokens and ` <class>`, joined
-    with ` ; ` as PaliGemma writes them; skipped counts the instances whose box holds no whole pixel."""
+    with ` ; ` as PaliGemma writes them; skipped counts the instances whose box holds no whole pixel (or is
+    not a number)."""
     names = {c["id"]: c["name"] for c in data["categories"]}
     by_image = {}
     for a in data["annotations"]:
@@ -229,8 +279,9 @@ def coco_segmentation_examples(data: dict, vae):
         by_class, skipped = {}, 0
         for a in sorted(by_image.get(image["id"], []), key=lambda a: (a["bbox"][1], a["bbox"][0])):
             x, y, w, h = a["bbox"]
-            tokens = segment_tokens(coco_mask(a["segmentation"], height, width), (x, y, x + w, y + h), vae)
-            if tokens is None:
+            finite = all(math.isfinite(v) for v in (x, y, w, h))  # a NaN box is no box
+            tokens = finite and segment_tokens(coco_mask(a["segmentation"], height, width), (x, y, x + w, y + h), vae)
+            if not tokens:
                 skipped += 1
                 continue
             by_class.setdefault(names[a["category_id"]], []).append(f"{tokens} {names[a['category_id']]}")
@@ -258,8 +309,11 @@ def main(argv=None):
     if out.exists() and not args.overwrite:
         fail(f"--out {out} exists: replace it with --overwrite, or choose another --out")
     try:
-        data = json.loads(args.coco.read_text(encoding="utf-8"))
         vae = VQVAE.from_pretrained(args.vae)
+    except (OSError, ValueError) as e:
+        fail(f"--vae: {e}")
+    try:
+        data = json.loads(args.coco.read_text(encoding="utf-8"))
         examples, skipped = [], 0
         for i, (image_examples, image_skipped) in enumerate(coco_segmentation_examples(data, vae), 1):
             examples += image_examples
@@ -268,6 +322,8 @@ def main(argv=None):
                 print(f"{i}/{len(data['images'])} images encoded", file=sys.stderr, flush=True)
     except json.JSONDecodeError as e:
         fail(f"{args.coco}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})")
+    except RecursionError:
+        fail(f"{args.coco}: nested too deeply to be a COCO export")
     except UnicodeDecodeError as e:
         fail(f"{args.coco}: not UTF-8 text (byte {e.start})")
     except (OSError, ValueError) as e:
@@ -278,7 +334,8 @@ def main(argv=None):
         e["image"] = os.path.relpath(args.coco.parent / e["image"], out.parent)
     write_atomically(out, lambda tmp: tmp.write_text("".join(json.dumps(e) + "\n" for e in examples)))
     print(f"{out}: {len(examples)} examples from {args.coco}"
-          + (f"; {skipped} instance(s) skipped, their boxes hold no whole pixel of the image" if skipped else ""))
+          + (f"; {skipped} instance(s) skipped, their boxes hold no whole pixel of the image (or are not numbers)"
+             if skipped else ""))
 
 
 if __name__ == "__main__":

@@ -149,6 +149,23 @@ class GemmaAttention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
+class GeGLU(torch.autograd.Function):
+    """gelu_tanh(gate) * up, keeping only gate and up for backward (autograd would keep gelu(gate) too: the
+    (B, T, F) tensors of the MLP are a decoder layer's largest activations). The same kernels, the same
+    numbers."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.gelu(gate, approximate="tanh") * up
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        grad_gate = torch.ops.aten.gelu_backward(grad * up, gate, approximate="tanh")
+        return grad_gate, grad * F.gelu(gate, approximate="tanh")
+
+
 class GemmaMLP(nn.Module):
     def __init__(self, cfg: GemmaConfig):
         super().__init__()
@@ -157,7 +174,7 @@ class GemmaMLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))  # GeGLU
+        return self.down_proj(GeGLU.apply(self.gate_proj(x), self.up_proj(x)))  # (B, T, F) -> (B, T, D)
 
 
 class GemmaDecoderLayer(nn.Module):

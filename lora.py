@@ -13,8 +13,9 @@ adapter_config, adapter_state
 load_adapter reads such a folder, also one written by peft itself or under transformers <= 4.51's names
 merge_lora   folds s * B @ A into W and removes the wrappers: a plain PaliGemma again
 
-The adapters' parameters keep PEFT's names (`q_proj.lora_A.weight`), and a wrapped layer keeps its own
-`weight`, so the model's other names do not change. Shape letters: r rank, in/out the layer's features.
+The adapters' parameters keep PEFT's names (`q_proj.lora_A.weight`); the wrapped layer becomes
+`q_proj.base_layer`, as in PEFT, and merge_lora puts it back. The frozen layer may be stored in 4 bits
+(nf4.py: QLoRA). Shape letters: r rank, in/out the layer's features.
 Imports torch and safetensors only.
 """
 
@@ -24,7 +25,6 @@ import re
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
@@ -39,26 +39,32 @@ PEFT_NAMES = {"base_model.model.model.language_model.": "language_model.",
               "base_model.model.vision_tower.vision_model.": "vision_tower."}
 
 
-class LoRALinear(nn.Linear):
-    """An nn.Linear with its weight (and bias) frozen and a trainable low-rank update beside it."""
+class LoRALinear(nn.Module):
+    """A frozen linear layer (`base_layer`: an nn.Linear, or nf4.NF4Linear for QLoRA) with a trainable
+    low-rank update beside it."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
-        nn.Module.__init__(self)  # not nn.Linear's: the weight is the base layer's own
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
+        super().__init__()
+        self.base_layer = base
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight, self.bias = base.weight, base.bias
         self.rank, self.alpha, self.rslora = rank, alpha, rslora
         self.scale = alpha / (math.sqrt(rank) if rslora else rank)
         self.dropout = nn.Dropout(dropout)
-        device = base.weight.device
+        device = base.weight.device  # NF4Linear's weight: its packed codes
         self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=device, dtype=torch.float32)  # (r, in)
         self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=device, dtype=torch.float32)  # (out, r)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = self.base_layer(x)
         update = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))  # in the adapters' dtype
         return (y + update * self.scale).to(y.dtype)
+
+
+def _is_linear(m: nn.Module) -> bool:
+    """An nn.Linear, or a layer that computes like one (nf4.NF4Linear), not yet wrapped."""
+    return hasattr(m, "in_features") and hasattr(m, "out_features") and not isinstance(m, LoRALinear)
 
 
 def _wrap(model: nn.Module, name: str, **lora) -> LoRALinear:
@@ -80,7 +86,7 @@ def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16, targets=ATTENTI
         raise ValueError(f"LoRA rank must be at least 1, not {rank}")
     for p in model.parameters():
         p.requires_grad_(False)
-    names = [n for n, m in model.named_modules() if n.startswith("language_model.") and type(m) is nn.Linear
+    names = [n for n, m in model.named_modules() if n.startswith("language_model.") and _is_linear(m)
              and n.rpartition(".")[2] in targets]
     for name in names:
         _wrap(model, name, rank=rank, alpha=alpha, dropout=dropout, rslora=rslora)
@@ -125,8 +131,15 @@ def read_adapter_config(folder) -> dict:
         raise FileNotFoundError(f"{folder} holds no adapter (no adapter_config.json)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+    except RecursionError:
+        raise ValueError(f"{path}: nested too deeply to be an adapter's config") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object, not {type(config).__name__}")
+    if config.get("peft_type") != "LORA":
         raise ValueError(f"{path}: not a LoRA adapter (peft_type {config.get('peft_type')!r})")
+    base = config.get("base_model_name_or_path")
+    if base is not None and (not isinstance(base, str) or not base.strip()):
+        raise ValueError(f"{path}: base_model_name_or_path is {json.dumps(base)}, not the name of a model")
     unsupported = {"bias": "none", "use_dora": False, "fan_in_fan_out": False, "modules_to_save": None,
                    "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None}
     for key, plain in unsupported.items():
@@ -136,6 +149,14 @@ def read_adapter_config(folder) -> dict:
             or not isinstance(config.get("lora_alpha"), (int, float)):
         raise ValueError(f"{path}: r must be an integer >= 1 and lora_alpha a number")
     return config
+
+
+def adapter_base(folder) -> str:
+    """The base model an adapter folder records (its base_model_name_or_path)."""
+    if not (base := read_adapter_config(folder).get("base_model_name_or_path")):
+        raise ValueError(f"{Path(folder) / 'adapter_config.json'} names no base model (base_model_name_or_path): "
+                         "write it there, or apply the adapter to a base you name (infer.py --model BASE --adapter)")
+    return base
 
 
 def load_adapter(model: nn.Module, folder) -> list[str]:
@@ -158,7 +179,7 @@ def load_adapter(model: nn.Module, folder) -> list[str]:
         m = re.fullmatch(r"(.+)\.(lora_[AB])(?:\.default)?\.weight", key)
         prefix = next((p for p in PEFT_NAMES if key.startswith(p)), None)
         name = m and prefix and PEFT_NAMES[prefix] + m.group(1)[len(prefix):]
-        if not isinstance(modules.get(name), nn.Linear):
+        if not (_is_linear(modules.get(name)) or isinstance(modules.get(name), LoRALinear)):
             bad.append(key)
             continue
         layers.setdefault(name, {})[m.group(2)] = tensor
@@ -189,12 +210,15 @@ def load_adapter(model: nn.Module, folder) -> list[str]:
 
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
-    """W + s * B @ A, computed in float32, in place of every LoRA layer (a plain nn.Linear again)."""
+    """W + s * B @ A, computed in float32, in place of every LoRA layer (a plain nn.Linear again). A 4-bit
+    base layer is refused: its weights are not the original ones (load the base in full precision and
+    apply the adapter to it first, as train.py --merge does)."""
     for name, layer in lora_layers(model).items():
+        base = layer.base_layer
+        if not isinstance(base, nn.Linear):
+            raise ValueError(f"{name} is a {type(base).__name__}: LoRA merges into full-precision weights only")
         delta = layer.lora_B.weight.float() @ layer.lora_A.weight.float() * layer.scale  # (out, in)
-        merged = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-        merged.weight = nn.Parameter((layer.weight.float() + delta).to(layer.weight.dtype), requires_grad=False)
-        merged.bias = layer.bias
+        base.weight = nn.Parameter((base.weight.float() + delta).to(base.weight.dtype), requires_grad=False)
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, merged)
+        setattr(model.get_submodule(parent_name), child, base)
     return model

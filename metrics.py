@@ -14,7 +14,7 @@ import string
 
 import numpy as np
 
-from detections import parse_detections
+from detections import answer_problems, parse_detections
 
 
 def normalize_answer(text: str) -> str:
@@ -112,8 +112,11 @@ def detection_map(pairs: list[tuple[str, str]]) -> dict:
 def mask_iou(predicted: str, target: str, width: int, height: int, vae) -> float:
     """IoU of the union of an answer's masks with the union of the target's (decoded by the VQ-VAE too)."""
     def union(text):
-        masks = [d.mask for d in parse_detections(text, width, height, vae) if d.mask is not None]
-        return np.logical_or.reduce(masks + [np.zeros((height, width), dtype=bool)])
+        masks = np.zeros((height, width), dtype=bool)
+        for d in parse_detections(text, width, height, vae):
+            if d.mask is not None:
+                masks |= d.mask
+        return masks
     p, t = union(predicted), union(target)
     return float((p & t).sum() / max((p | t).sum(), 1))
 
@@ -130,8 +133,9 @@ def repeated_boxes(answer: str) -> int:
 
 def score_answers(rows: list[tuple[str, str, str, tuple[int, int]]], vae=None) -> dict:
     """rows: (prefix, answer, target, (width, height) of the image). detect and segment prompts get COCO
-    box mAP (map50, map50_95, ap50_95 per label) and repeated_boxes, segment prompts with a VQ-VAE
-    mask_iou, the others exact_match: each key only where there are such prompts."""
+    box mAP (map50, map50_95, ap50_95 per label), repeated_boxes and what AnswerGrammar would prevent
+    (malformed_answers, labels_not_in_prompt, repeated_objects), segment prompts with a VQ-VAE mask_iou,
+    the others exact_match: each key only where there are such prompts."""
     detections = [(answer, target) for prefix, answer, target, _ in rows if prefix.startswith(("detect", "segment"))]
     masks = [mask_iou(answer, target, *size, vae) for prefix, answer, target, size in rows
              if prefix.startswith("segment") and vae is not None]
@@ -143,6 +147,9 @@ def score_answers(rows: list[tuple[str, str, str, tuple[int, int]]], vae=None) -
     if detections:
         scores |= detection_map(detections)
         scores["repeated_boxes"] = sum(repeated_boxes(answer) for answer, _ in detections)
+        problems = [answer_problems(answer, prefix) for prefix, answer, _, _ in rows
+                    if prefix.startswith(("detect", "segment"))]
+        scores |= {"malformed_answers" if k == "malformed" else k: sum(p[k] for p in problems) for k in problems[0]}
     if masks:
         scores["mask_iou"] = sum(masks) / len(masks)
     return scores

@@ -21,8 +21,8 @@ Hugging Face safetensors from a folder or a hub id.
 
 What it is not: the tokenizer, the image preprocessing (processor.py) or the parsing of answers
 (detections.py), a training loop (train.py) or a command-line tool (infer.py). It imports torch and
-safetensors only (and huggingface_hub when given a hub id), so that it can be copied with siglip.py
-and gemma.py.
+safetensors only (huggingface_hub when given a hub id, nf4.py when asked to quantize), so that it
+can be copied with siglip.py and gemma.py.
 
 Shape letters, as in gemma.py: B batch, T tokens, N image tokens (SigLIP's patches), D the decoder's
 hidden size, S keys (T, or the KV-cache's slots), V vocabulary.
@@ -143,8 +143,8 @@ class PaliGemma(nn.Module):
         """Token embeddings (B, T, D) with the projected image features in the <image> positions."""
         is_image = input_ids == self.config.image_token_index  # (B, T)
         x = self.language_model.embed(input_ids.masked_fill(is_image, 0))  # <image> may lie outside the vocabulary
-        weight = self.multi_modal_projector.weight
-        features = self.multi_modal_projector(self.vision_tower(pixel_values.to(weight.dtype)))  # (B, N, D)
+        conv = self.vision_tower.embeddings.patch_embedding.weight  # in the compute dtype, never in 4 bits
+        features = self.multi_modal_projector(self.vision_tower(pixel_values.to(conv.dtype)))  # (B, N, D)
         if is_image.sum() != features.shape[0] * features.shape[1]:
             raise ValueError(
                 f"input_ids hold {int(is_image.sum())} <image> tokens, but {features.shape[0]} image(s) give "
@@ -181,18 +181,24 @@ class PaliGemma(nn.Module):
 
     @torch.inference_mode()
     def generate(self, input_ids, pixel_values, attention_mask=None, max_new_tokens: int = 64,
-                 temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None) -> torch.Tensor:
+                 temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+                 constrain: Callable | None = None) -> torch.Tensor:
         """Continues each (left-padded) prompt; returns the new token ids (B, n), n <= max_new_tokens.
 
         The image is encoded once and the whole prompt (all prefix: bidirectional) is prefilled into the
         KV-cache in one pass; then one token per step attends to everything before it. A row that has
         written <eos> gets <pad> from then on, and the loop ends when every row has. Greedy when
         temperature is 0; otherwise sampled after temperature, top-k and top-p, reproducibly given a seed.
+        `constrain(previous tokens (B,) or None at the first step, tokens left)` returns the tokens each row
+        may take next, (B, V) bool (e.g. detections.AnswerConstraint); the others get -inf before sampling.
         """
         B, T = input_ids.shape
         max_len = self.config.text_config.max_position_embeddings
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, not {max_new_tokens!r}")
+        if attention_mask is None and (input_ids[:, 0] == self.config.pad_token_id).any():
+            raise ValueError("input_ids start with <pad> (a left-padded batch) but no attention_mask says so: "
+                             "pass the Processor's attention_mask, or the pads are read as text")
         if T + max_new_tokens > max_len:
             raise ValueError(f"the prompt is {T} tokens long and {max_new_tokens} new tokens are asked for: "
                              f"together more than the model's {max_len} positions")
@@ -219,6 +225,9 @@ class PaliGemma(nn.Module):
         done = torch.zeros(B, dtype=torch.bool, device=device)
         out = []
         for step in range(max_new_tokens):
+            if constrain is not None:
+                allowed = torch.as_tensor(constrain(out[-1] if out else None, max_new_tokens - step), device=device)
+                logits = logits.masked_fill(~allowed, float("-inf"))
             token = sample(logits.float(), temperature, top_k, top_p, generator)  # (B,)
             token = token.masked_fill(done, self.config.pad_token_id)
             out.append(token)
@@ -242,21 +251,32 @@ class PaliGemma(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_dir, dtype: torch.dtype | Callable[[str], torch.dtype] = torch.float32,
-                        device="cpu") -> "PaliGemma":
+                        device="cpu", quantize: Callable[[str], bool] | None = None) -> "PaliGemma":
         """Loads a Hugging Face-format checkpoint from a local folder or a hub id, strictly.
 
         Every tensor the model needs must be in the checkpoint with the right shape (see read_checkpoint).
         Tensors are read one at a time and converted straight to `dtype` on `device`; `dtype` may be a
         function of the parameter's name (train.py reads the weights it trains in float32 and the frozen
-        ones in the compute dtype).
+        ones in the compute dtype). The linear layers whose names `quantize` accepts are stored in 4 bits
+        (nf4.py), each weight quantized as it is read: the full-precision model is never in memory.
         """
         folder = resolve_checkpoint(name_or_dir, ["config.json", "*.safetensors", "model.safetensors.index.json"])
         config = read_config(folder / "config.json")
+        check_layer_counts(config, checkpoint_index(folder), folder)  # before building what could be huge
         with torch.device("meta"):  # no memory is allocated until the weights are read
             model = cls(config)
         dtype_of = dtype if callable(dtype) else lambda name: dtype
-        state = {name: tensor.to(device=device, dtype=dtype_of(name)) for name, tensor in
-                 read_checkpoint(folder, {name: list(t.shape) for name, t in model.state_dict().items()})}
+        expected = {name: list(t.shape) for name, t in model.state_dict().items()}
+        quantized = {}
+        if quantize is not None:
+            from nf4 import quantize_linears
+            quantized = quantize_linears(model, quantize, dtype_of)
+        state = {}
+        for name, tensor in read_checkpoint(folder, expected):  # on the CPU, views of the file's memory map
+            if name in quantized:
+                state |= quantized[name].state(name, tensor.to(device))
+            else:  # when quantizing, a copy: a view would keep the map, and every quantized weight's pages, alive
+                state[name] = tensor.to(device=device, dtype=dtype_of(name), copy=bool(quantized))
         model.load_state_dict(state, strict=True, assign=True)
         return model.eval()
 
@@ -300,6 +320,8 @@ def read_config(path) -> PaliGemmaConfig:
         raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: nested too deeply to be a config") from None
     if not isinstance(d, dict) or not isinstance(d.get("text_config", {}), dict):
         raise ValueError(f"{path}: expected a JSON object with a text_config object")
     text = dict(d.get("text_config", {}))
@@ -348,7 +370,12 @@ def resolve_checkpoint(name_or_dir, patterns: list[str]) -> Path:
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} is not a PaliGemma checkpoint: it has no config.json")
         return path
-    if path.exists() or str(name_or_dir).startswith((".", "/", "~")) or str(name_or_dir).count("/") != 1:
+    if path.exists():
+        raise FileNotFoundError(f"{name_or_dir} is a file, not a checkpoint folder (nor a hub id)")
+    if path.parent.is_dir() and str(path.parent) != ".":  # e.g. tiny/paligemma_tiny, a typo beside tiny/...
+        nearby = ", ".join(sorted(p.name for p in path.parent.iterdir() if p.is_dir())[:8])
+        raise FileNotFoundError(f"{name_or_dir}: no such local folder ({path.parent} holds: {nearby or 'no folders'})")
+    if str(name_or_dir).startswith((".", "/", "~")) or str(name_or_dir).count("/") != 1:
         raise FileNotFoundError(f"{name_or_dir}: no such checkpoint folder (nor a hub id of the form owner/name)")
     import huggingface_hub
 
@@ -373,9 +400,13 @@ def checkpoint_tensors(folder: Path) -> dict[str, tuple[Path, list[int]]]:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             files = {}  # file -> the keys the index puts there
             for key, file in weight_map.items():
+                if Path(file).is_absolute() or not (folder / file).resolve().is_relative_to(folder.resolve()):
+                    raise ValueError(f"{index} puts {key} in {file}, outside the checkpoint's folder")
                 files.setdefault(folder / file, []).append(key)
         except json.JSONDecodeError as e:
             raise ValueError(f"{index}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+        except RecursionError:
+            raise ValueError(f"{index}: nested too deeply to be a checkpoint's index") from None
         except (KeyError, TypeError, AttributeError, UnicodeDecodeError):
             raise ValueError(f"{index}: expected a JSON object with a weight_map {{tensor name: file}}") from None
     elif (folder / "model.safetensors").exists():
@@ -398,14 +429,33 @@ def checkpoint_tensors(folder: Path) -> dict[str, tuple[Path, list[int]]]:
     return found
 
 
+def checkpoint_index(folder: Path) -> dict[str, tuple[str, Path, list[int]]]:
+    """{our name: (checkpoint key, safetensors file, shape)} of a checkpoint's tensors, read from the files'
+    headers; the unused pooling head and the tied lm_head are left out."""
+    found = {}
+    for key, (file, shape) in checkpoint_tensors(folder).items():
+        if not (name := _rename(key, CHECKPOINT_PREFIXES)).startswith(UNUSED_PREFIXES):
+            found[name] = (key, file, shape)
+    return found
+
+
+def check_layer_counts(config: PaliGemmaConfig, index: dict, folder: Path):
+    """The config's numbers of layers against the checkpoint's tensors (read_checkpoint checks the rest)."""
+    for tower, cfg in (("vision_tower.encoder.layers.", config.vision_config),
+                       ("language_model.layers.", config.text_config)):
+        held = {name[len(tower):].split(".")[0] for name in index if name.startswith(tower)}
+        if len(held) != cfg.num_hidden_layers:
+            what = "missing" if cfg.num_hidden_layers > len(held) else "unexpected"
+            first = min(cfg.num_hidden_layers, len(held))
+            raise ValueError(f"{folder / 'config.json'} gives {tower.split('.')[0]} {cfg.num_hidden_layers} layers; "
+                             f"the checkpoint holds {len(held)} ({what} tensors: {tower}{first}.*)")
+
+
 def read_checkpoint(folder: Path, expected: dict[str, list[int]]):
     """The tensors of the checkpoint in `folder`, one at a time as stored: (our name, tensor on the CPU).
     First, strictly: every name in `expected` must be there with its shape, and nothing else but the
     unused pooling head and the tied lm_head; a mismatch is an error that names the tensors."""
-    found = {}  # our name -> (checkpoint key, file, shape)
-    for key, (file, shape) in checkpoint_tensors(folder).items():
-        if not (name := _rename(key, CHECKPOINT_PREFIXES)).startswith(UNUSED_PREFIXES):
-            found[name] = (key, file, shape)
+    found = checkpoint_index(folder)
     missing = sorted(expected.keys() - found.keys())
     unexpected = sorted(found[n][0] for n in found.keys() - expected.keys())
     wrong = sorted(f"{found[n][0]} {found[n][2]} (expected {expected[n]})"
@@ -426,7 +476,11 @@ def read_checkpoint(folder: Path, expected: dict[str, list[int]]):
             raise ValueError(f"{file}: cannot be read ({e})") from None
 
 
+def official_name(name: str) -> str:
+    """Our name of a tensor -> its name in the official checkpoints."""
+    return _rename(name, {ours: official for official, ours in CHECKPOINT_PREFIXES.items()})
+
+
 def official_state_dict(model: PaliGemma) -> dict[str, torch.Tensor]:
     """The model's tensors under the names of the official checkpoints, the layout `from_pretrained` reads."""
-    to_official = {ours: official for official, ours in CHECKPOINT_PREFIXES.items()}
-    return {_rename(key, to_official): value for key, value in model.state_dict().items()}
+    return {official_name(key): value for key, value in model.state_dict().items()}

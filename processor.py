@@ -16,40 +16,54 @@ training data (data.py). It needs sentencepiece, PIL and numpy besides torch.
 
 import errno
 import re
+import stat
 from pathlib import Path
 
 import numpy as np
 import sentencepiece
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from detections import LOC, SEG
 from paligemma import read_config, resolve_checkpoint
 
 
-def load_image(path) -> Image.Image:
-    """An image file, decoded; a file that cannot be used is a ValueError that names it and says why."""
+MAX_PIXELS = 89_478_485  # PIL's own limit (a decompression bomb beyond); load_image checks it itself
+Image.MAX_IMAGE_PIXELS = None  # so that PIL neither warns below twice that, nor refuses a raised limit
+KINDS = {stat.S_ISFIFO: "a FIFO (named pipe)", stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device",
+         stat.S_ISSOCK: "a socket"}
+
+
+def load_image(path, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """An image file, decoded and turned upright as its EXIF orientation says (as phones write them, and as
+    every viewer shows them); a file that cannot be used is a ValueError that names it and says why."""
     path = Path(path)
     try:
-        if path.is_dir():
+        mode = path.stat().st_mode
+        if stat.S_ISDIR(mode):
             raise ValueError(f"{path}: is a directory, not an image file")
+        if not stat.S_ISREG(mode):  # reading a FIFO would wait forever
+            raise ValueError(f"{path}: is {next(k for test, k in KINDS.items() if test(mode))}, not an image file")
         if path.stat().st_size == 0:
             raise ValueError(f"{path}: is an empty file")
         with Image.open(path) as image:
+            if image.width * image.height > max_pixels:  # the header only: nothing is decoded yet
+                raise ValueError(f"{path}: is {image.width} x {image.height} pixels, more than the limit of "
+                                 f"{max_pixels:,} (--max-image-pixels raises it)")
             image.load()
-            return image
+            return ImageOps.exif_transpose(image)
     except FileNotFoundError:
         raise ValueError(f"{path}: no such image file") from None
     except PermissionError:
         raise ValueError(f"{path}: permission denied") from None
-    except Image.DecompressionBombError as e:
-        raise ValueError(f"{path}: too large to decode safely ({e})") from None
     except OSError as e:
         if e.errno == errno.ENAMETOOLONG:
             raise ValueError(f"{str(path)[:60]}...: file name too long for this system") from None
         raise ValueError(f"{path}: cannot be decoded as an image ({e})") from None
-    except (UnidentifiedImageError, SyntaxError, ValueError, EOFError) as e:  # PIL's decoders raise these too
+    except (UnidentifiedImageError, SyntaxError, EOFError) as e:  # PIL's decoders raise these too
         raise ValueError(f"{path}: cannot be decoded as an image ({e})") from None
+    except ValueError as e:
+        raise ValueError(str(e) if str(e).startswith(str(path)) else f"{path}: cannot be decoded ({e})") from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -92,9 +106,10 @@ class Tokenizer:
             raise ValueError(f"{model_file}: not a readable SentencePiece model ({str(e).strip()})") from None
         self.image_token_id = image_token_id
         self.pad_id, self.bos_id, self.eos_id = self.sp.pad_id(), self.sp.bos_id(), self.sp.eos_id()
-        for piece in ("<loc0000>", "<loc1023>", "<seg000>", "<seg127>"):
-            if self.sp.piece_to_id(piece) == self.sp.unk_id():
-                raise ValueError(f"{model_file} is not a PaliGemma tokenizer: it has no {piece} piece")
+        special = [f"<loc{k:04d}>" for k in range(1024)] + [f"<seg{k:03d}>" for k in range(128)]
+        if missing := [piece for piece in special if self.sp.piece_to_id(piece) == self.sp.unk_id()]:
+            more = f" (nor {len(missing) - 1} more of the 1024 <loc> and 128 <seg>)" if len(missing) > 1 else ""
+            raise ValueError(f"{model_file} is not a PaliGemma tokenizer: it has no {missing[0]} piece{more}")
 
     def encode(self, text: str) -> list[int]:
         ids = []
@@ -133,6 +148,10 @@ class Processor:
             raise FileNotFoundError(f"{folder} has no tokenizer.model (the SentencePiece model)")
         config = read_config(folder / "config.json")
         tokenizer = Tokenizer(folder / "tokenizer.model", config.image_token_index)
+        pieces, vocab = tokenizer.sp.get_piece_size(), config.text_config.vocab_size
+        if pieces > min(vocab, config.image_token_index):  # its ids would fall outside the embedding or on <image>
+            raise ValueError(f"{folder / 'tokenizer.model'} has {pieces} pieces, more than the model's vocabulary "
+                             f"below <image> ({config.image_token_index}; vocab_size {vocab}): another model's?")
         return cls(tokenizer, config.vision_config.image_size, config.vision_config.num_patches)
 
     def preprocess_image(self, image: Image.Image) -> torch.Tensor:
@@ -154,6 +173,11 @@ class Processor:
     def __call__(self, images, prefixes, suffixes=None, max_len: int | None = None) -> dict[str, torch.Tensor]:
         """One image per prompt. Returns input_ids, attention_mask, token_type_ids (B, T), labels (B, T)
         when suffixes are given, and pixel_values (B, 3, S, S)."""
+        for name, texts in (("prefixes", prefixes), ("suffixes", suffixes)):
+            if isinstance(texts, str):
+                raise TypeError(f"{name} must be a list of strings, one per image, not a string")
+        if not len(images):
+            raise ValueError("no examples: give at least one image and its prefix")
         if len(images) != len(prefixes) or (suffixes is not None and len(suffixes) != len(prefixes)):
             raise ValueError(f"got {len(images)} images, {len(prefixes)} prefixes"
                              + ("" if suffixes is None else f" and {len(suffixes)} suffixes")

@@ -26,32 +26,29 @@ What it is not: a general trainer. One dataset at a time, AdamW or SGD, a cosine
 import argparse
 import contextlib
 import functools
-import json
 import math
-import os
-import signal
 import sys
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from checkpoint import (check_out_folder, load_optimizer_state, prepare_out_folder, read_resume_state, save_checkpoint,
-                        save_merged)
-from cli import add_device_options, device_and_dtype, fail, log, number
-from data import batches_until_closed, default_val_file, micro_batches, read_datasets, training_loader
-from lora import ATTENTION, MLP, add_lora, load_adapter, read_adapter_config
-from metrics import format_scores, score_answers
-from paligemma import PaliGemma, resolve_checkpoint
-from processor import Processor, load_image
+from checkpoint import (check_out_folder, check_resume, load_optimizer_state, lock_out_folder, prepare_out_folder,
+                        read_train_state, resume_options, run_options, save_merged, starting_point)
+from cli import DefaultsFormatter, add_device_options, fail, log, number, parse_given
+from data import Draws, batches_until_closed, default_val_file, micro_batches, read_datasets, training_loader
+from detections import AnswerConstraint, AnswerTokens, prompt_names
+from lora import ATTENTION, MLP, add_lora, load_adapter
+from metrics import score_answers
+from paligemma import PaliGemma
+from processor import MAX_PIXELS, Processor, load_image
+from report import Progress, Reporter, card_of, check_hub, push, require
+from run import (Run, check_images, evaluate_together, log_memory, memory_is_enough, save_together, setup, shard,
+                 stop_now, stop_on_signals)
 from vqvae import VQVAE
 
 TRAINABLE = {  # --trainable: which parameters learn
@@ -100,29 +97,42 @@ def lr_at(step: int, lr: float, warmup: float, steps: int) -> float:
 
 @torch.no_grad()
 def evaluate(model: PaliGemma, processor: Processor, examples: list[dict], batch_size: int, max_len: int,
-             max_new_tokens: int, device, autocast, vae=None) -> tuple[dict, list[str]]:
+             max_new_tokens: int, device, autocast, vae=None, constrain: bool = True, repeat_iou: float = 0.9,
+             stop=lambda: False) -> tuple[dict | None, list[tuple]]:
     """The validation loss, and greedy answers to the prompts alone scored by metrics.score_answers (COCO box
-    mAP, mask IoU, exact match). Returns the metrics and three example answers."""
+    mAP, mask IoU, exact match); with `constrain`, detect and segment answers follow their grammar
+    (detections.AnswerConstraint: always well-formed, a repeated object ends the answer). Returns the
+    metrics (None when `stop()` said to stop) and the first 16 examples as (image, prefix, answer, target)."""
     model.eval()
-    loss_sum, n_targets, at_limit, rows = 0.0, 0, 0, []
+    loss_sum, n_targets, at_limit, cut, rows, shown = 0.0, 0, 0, 0, [], []
+    tokens = AnswerTokens(processor.tokenizer)
     for i in range(0, len(examples), batch_size):
+        if stop():
+            model.train()
+            return None, shown
         chunk = examples[i:i + batch_size]
         images, prefixes = [load_image(e["image"]) for e in chunk], [e["prefix"] for e in chunk]
         pixels = {"pixel_values": processor.pixels(images).to(device)}  # one image preprocessing for both
         batch = {k: v.to(device) for k, v in processor.tokens(prefixes, [e["suffix"] for e in chunk], max_len).items()}
         prompts = {k: v.to(device) for k, v in processor.tokens(prefixes).items()}  # what the model answers
+        grammar = AnswerConstraint(prefixes, tokens, model.config.text_config.vocab_size, repeat_iou) \
+            if constrain and any(prompt_names(p) for p in prefixes) else None
         with autocast:
             loss_sum += SuffixLossSum(model)(**batch, **pixels).item()
             new = model.generate(prompts["input_ids"], pixels["pixel_values"], prompts["attention_mask"],
-                                 max_new_tokens=max_new_tokens)
+                                 max_new_tokens=max_new_tokens, constrain=grammar)
         n_targets += int(count_targets(batch["labels"]))
         if new.shape[1] == max_new_tokens:  # rows that wrote no <eos> were cut by the limit
             at_limit += int((new != model.config.eos_token_id).all(1).sum())
-        rows += [(e["prefix"], processor.decode(row).strip(), e["suffix"], image.size)
-                 for e, image, row in zip(chunk, images, new.tolist())]
+        answers = [grammar.answer(r, ids, processor.decode) if grammar else processor.decode(ids)
+                   for r, ids in enumerate(new.tolist())]
+        cut += sum(row is not None and row.cut is not None for row in grammar.rows) if grammar else 0
+        rows += [(e["prefix"], answer, e["suffix"], image.size) for e, image, answer in zip(chunk, images, answers)]
+        shown += [(image, e["prefix"], answer, e["suffix"]) for e, image, answer in zip(chunk, images, answers)]
+        del shown[16:]
     model.train()
     metrics = dict(val_loss=loss_sum / max(n_targets, 1), answers_at_token_limit=at_limit) | score_answers(rows, vae)
-    return metrics, [f"  {prefix!r} -> {answer!r} (target {target!r})" for prefix, answer, target, _ in rows[:3]]
+    return metrics | ({"repeated_objects_cut": cut} if constrain and "map50" in metrics else {}), shown
 
 
 # ----------------------------------------------------------------------------------------------
@@ -139,8 +149,9 @@ def lora_targets(text: str) -> tuple[str, ...]:
     return names
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def options() -> argparse.ArgumentParser:
+    """train.py's options, each checked for its type and range as it is parsed."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsFormatter)
     p.add_argument("--data", type=Path, required=True, help="training JSONL")
     p.add_argument("--val", type=Path, default=None, help="validation JSONL (default: _annotations.valid.jsonl "
                    "or valid.jsonl beside --data, or ../valid/ of a train/ folder)")
@@ -159,6 +170,8 @@ def parse_args(argv=None):
                    help="on the adapters' input (default 0)")
     p.add_argument("--rslora", action="store_true", help="scale by alpha / sqrt(r) (rank-stabilised LoRA)")
     p.add_argument("--merge", action="store_true", help="LoRA: also write the merged model into OUT/merged/ at the end")
+    p.add_argument("--quantize", choices=["nf4"], default=None, help="keep the frozen linear weights in 4 bits "
+                   "(NF4, as bitsandbytes): with --trainable lora (QLoRA) or attn")
     p.add_argument("--steps", type=number(int, 1), default=None, help="optimizer steps (default: --epochs)")
     p.add_argument("--epochs", type=number(float, 0, above=True), default=1.0)
     p.add_argument("--batch-size", type=number(int, 1), default=8, help="examples per micro-batch and process")
@@ -175,6 +188,8 @@ def parse_args(argv=None):
     p.add_argument("--max-len", type=number(int, 1), default=128,
                    help="text tokens per example, image tokens not counted")
     p.add_argument("--skip-bad", action="store_true", help="skip bad JSONL lines instead of stopping")
+    p.add_argument("--max-image-pixels", type=number(int, 1), default=MAX_PIXELS,
+                   help="larger images are refused (PIL's limit against decompression bombs)")
     p.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute decoder layers in backward: less memory")
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
@@ -188,12 +203,32 @@ def parse_args(argv=None):
     p.add_argument("--eval-max-new-tokens", type=number(int, 1), default=128,
                    help="the longest answer generated in evaluation")
     p.add_argument("--vae", default=None, help="a VQ-VAE npz (vae-oid.npz) to score the masks of segment prompts")
+    p.add_argument("--no-constrain", action="store_true", help="evaluation: let detect and segment answers run free "
+                   "(by default they follow PaliGemma's answer grammar, detections.AnswerConstraint)")
+    p.add_argument("--repeat-iou", type=number(float, 0, 1, above=True), default=0.9,
+                   help="evaluation: an object with an earlier one's label and IoU >= this ends the answer")
+    p.add_argument("--shuffle-objects", action="store_true",
+                   help="detect and segment answers: the objects in another order each epoch")
     p.add_argument("--save-every", type=number(int, 0), default=0, help="save every N steps (0: only at the end)")
-    args = p.parse_args(argv)
+    p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard event files in OUT/tensorboard/")
+    p.add_argument("--wandb", metavar="PROJECT", default=None, help="also log to this Weights & Biases project")
+    p.add_argument("--push-to-hub", metavar="REPO_ID", default=None,
+                   help="at the end, upload the checkpoint (or adapter) and its model card to this hub repo")
+    p.add_argument("--hub-private", action="store_true", help="with --push-to-hub: create the repo private")
+    return p
+
+
+def parse_args(argv=None) -> tuple[argparse.Namespace, set[str]]:
+    """The options, checked together, and the names of those the command line gives (--resume keeps the
+    others)."""
+    p = options()
+    args, given = parse_given(p, argv)
     lora_options = {"--lora-rank": args.lora_rank, "--lora-alpha": args.lora_alpha, "--lora-targets": args.lora_targets,
                     "--lora-dropout": args.lora_dropout, "--rslora": args.rslora or None, "--merge": args.merge or None}
-    if args.trainable != "lora" and (given := [k for k, v in lora_options.items() if v is not None]):
-        p.error(f"{', '.join(given)} only with --trainable lora")
+    if args.trainable != "lora" and (lora_given := [k for k, v in lora_options.items() if v is not None]):
+        p.error(f"{', '.join(lora_given)} only with --trainable lora")
+    if args.quantize and (args.trainable in ("all", "llm") or args.fsdp):
+        p.error("--quantize keeps frozen weights in 4 bits: it takes --trainable lora or attn, and not --fsdp")
     if args.fsdp and (args.merge or args.dtype == "float16"):
         p.error("--fsdp does not take --merge (merge the saved adapter with lora.merge_lora in one process) "
                 "nor --dtype float16 (use bfloat16)")
@@ -203,85 +238,21 @@ def parse_args(argv=None):
     if args.trainable == "lora":
         args.lora_rank, args.lora_alpha = args.lora_rank or 8, args.lora_alpha or 16.0
         args.lora_targets, args.lora_dropout = args.lora_targets or ATTENTION, args.lora_dropout or 0.0
-    return args
-
-
-RESUME_MUST_MATCH = ("trainable", "optimizer", "lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "rslora",
-                     "fsdp")  # saved in train_state.pt; --resume refuses other values
+    return args, given
 
 
 # ----------------------------------------------------------------------------------------------
 # The steps of a run
 
 
-@dataclass
-class Run:
-    """This process's place in the run (one of `world` under torchrun), and the signals it received."""
-    device: torch.device
-    dtype: torch.dtype
-    rank: int = 0
-    world: int = 1
-    stop: list[int] = field(default_factory=list)  # SIGINT, SIGTERM: save at the end of the step, then stop
-
-    def all_reduce(self, value: float, op=dist.ReduceOp.SUM) -> float:
-        """Summed (or max'ed) over the processes; as it is in a single process."""
-        t = torch.tensor(float(value), device=self.device)
-        if dist.is_initialized():
-            dist.all_reduce(t, op)
-        return t.item()
-
-    def barrier(self):
-        if dist.is_initialized():
-            dist.barrier()
-
-
-def setup(args) -> Run:
-    """The device (one GPU per process under torchrun), the process group and the compute dtype."""
-    device, dtype = device_and_dtype(args)
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
-    if args.fsdp and world == 1:
-        fail("--fsdp shards across the processes torchrun starts: torchrun --nproc_per_node=N train.py ... --fsdp")
-    if world > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    torch.manual_seed(args.seed)
-    return Run(device, dtype, rank, world)
-
-
-def checkpoint_source(out: Path, model: str, resume: bool, lora: bool) -> tuple[Path, str | None, Processor]:
-    """The folder whose weights and tokenizer this run starts from: `model` (a folder, or a hub id
-    downloaded), or on resume the run in `out`; with LoRA, always the base model, whose name the adapter
-    records (returned second: a hub id or a folder's absolute path; None without LoRA); and its Processor."""
-    patterns = ["*.json", "*.safetensors", "tokenizer.model"]
-    try:
-        if resume and not lora and (out / "adapter_config.json").is_file():
-            raise ValueError(f"{out} holds a LoRA adapter: resume it with --trainable lora (and its --lora-* options)")
-        local = Path(model).expanduser()
-        base = None if not lora else read_adapter_config(out)["base_model_name_or_path"] if resume else \
-            str(local.resolve()) if local.is_dir() else model
-        source = out if resume and not lora else resolve_checkpoint(base or model, patterns)
-        return source, base, Processor.from_pretrained(source)
-    except (OSError, ValueError) as e:
-        fail(str(e))
-
-
-def read_vae(path: str | None) -> VQVAE | None:
+def read_vae(path: str | None, val_set: list[dict]) -> VQVAE | None:
+    """--vae's VQ-VAE, or None (and one line when segment prompts will be scored without their masks)."""
+    if path is None and any(e["prefix"].startswith("segment") for e in val_set):
+        log("the validation data has segment prompts: their masks are scored (mask IoU) only with --vae")
     try:
         return VQVAE.from_pretrained(path) if path else None
     except (OSError, ValueError) as e:
         fail(f"--vae: {e}")
-
-
-def shard(root: SuffixLossSum, world: int, device):
-    """--fsdp: FSDP2 units of each SigLIP and Gemma layer, and the root with the rest (embeddings, projector,
-    norms). A unit may mix float32 weights that learn with frozen ones in the compute dtype: FSDP2 gathers
-    parameters of several dtypes as bytes (README: "Beyond one GPU's memory")."""
-    mesh = init_device_mesh(device.type, (world,))
-    for layer in [*root.model.vision_tower.encoder.layers, *root.model.language_model.layers]:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(root, mesh=mesh)
 
 
 def build_model(args, run: Run, source: Path) -> tuple[PaliGemma, SuffixLossSum, list[nn.Parameter]]:
@@ -291,8 +262,9 @@ def build_model(args, run: Run, source: Path) -> tuple[PaliGemma, SuffixLossSum,
     learns = TRAINABLE.get(args.trainable, lambda name: False)
     device = torch.device("cpu") if args.fsdp else run.device  # --fsdp moves each process's shards
     try:
+        quantize = (lambda layer: not learns(f"{layer}.weight")) if args.quantize else None  # nf4: the frozen ones
         model = PaliGemma.from_pretrained(source, dtype=lambda name: torch.float32 if learns(name) else run.dtype,
-                                          device=device)
+                                          device=device, quantize=quantize)
         for name, p in model.named_parameters():
             p.requires_grad_(learns(name))
         if args.trainable == "lora" and args.resume:
@@ -313,37 +285,36 @@ def build_model(args, run: Run, source: Path) -> tuple[PaliGemma, SuffixLossSum,
     return model, root, params
 
 
-def mib_held(tensors) -> float:
-    """MiB of the tensors held by this process (of a sharded one, its shard)."""
-    return sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in tensors) / 2**20
-
-
-def read_data(args, processor: Processor, world: int) -> tuple[list[dict], list[dict], int]:
+def read_data(args, processor: Processor, world: int, val_file: Path | None) -> tuple[list[dict], list[dict], int]:
     """The training and validation examples (data.read_datasets), and the number of steps."""
-    val_file = args.val or default_val_file(args.data)
-    train_set, val_set = read_datasets(args.data, val_file, processor, args.max_len, args.skip_bad, args.eval_examples)
+    train_set, val_set = read_datasets(args.data, val_file, processor, args.max_len, args.skip_bad, args.eval_examples,
+                                       args.max_image_pixels)
     per_step = args.batch_size * args.grad_accum * world
     if len(train_set) < per_step:
         fail(f"{len(train_set)} training examples are fewer than one step's batch of {per_step}")
     return train_set, val_set, args.steps or max(1, int(args.epochs * len(train_set) // per_step))
 
 
-def optimizer_and_resume(args, run: Run, model, params, steps: int):
-    """The optimizer and the float16 loss scaler, with their state read back under --resume, and what
-    prepare_out_folder needs of the train state ({"step", "file", "optimizer"}, or None)."""
+def optimizer_and_resume(args, run: Run, model, params, steps: int, saved: tuple[dict, str] | None):
+    """The optimizer and the float16 loss scaler, with their state read back from `saved` (read_train_state's
+    state and file) under --resume, and what prepare_out_folder needs of it ({"step", "file", "optimizer",
+    "wandb_id"}, or None)."""
     kind = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.SGD
     optimizer = kind(params, lr=args.lr, weight_decay=args.weight_decay)
     # float16 gradients underflow without loss scaling (bfloat16 has float32's range and needs none)
     scaler = torch.amp.GradScaler(run.device.type, enabled=run.dtype == torch.float16)
-    if not args.resume:
+    if saved is None:
         return optimizer, scaler, None
-    options = {k: getattr(args, k) for k in RESUME_MUST_MATCH}
-    state, state_file = read_resume_state(args.out, run.device, options, steps, run.world, args.fsdp)
-    load_optimizer_state(optimizer, state, args.out, model, args.fsdp)
-    if state["scaler"] and scaler.is_enabled():  # empty when the run so far was not in float16
-        scaler.load_state_dict(state["scaler"])
+    state, state_file = saved
+    check_resume(state, args.out, steps, run.world, args.fsdp)
+    saved_steps = state["options"].get("steps", steps)
+    if saved_steps != steps:
+        log(f"--resume: the schedule now ends at step {steps} (the run's at {saved_steps}): the learning rate "
+            f"at step {state['step'] + 1} is {lr_at(state['step'], args.lr, args.warmup, steps):.3g}, not "
+            f"{lr_at(state['step'], args.lr, args.warmup, saved_steps):.3g}")
+    load_optimizer_state(optimizer, scaler, state, args.out, model, args.fsdp, args.weight_decay)
     log(f"resumed from {args.out} at step {state['step']}")
-    return optimizer, scaler, dict(step=state["step"], file=state_file,
+    return optimizer, scaler, dict(step=state["step"], file=state_file, wandb_id=state.get("wandb_id"),
                                    optimizer=state["optimizer"] if args.fsdp else None)
 
 
@@ -355,26 +326,6 @@ def training_module(root: SuffixLossSum, grad_checkpointing: bool, ddp: bool, co
             layer.forward = functools.partial(torch.utils.checkpoint.checkpoint, layer.forward, use_reentrant=False)
     module = DistributedDataParallel(root) if ddp else root
     return torch.compile(module) if compile else module
-
-
-def stop_on_signals(run: Run, out: Path):
-    """Ctrl-C or SIGTERM: run.stop records it, and the loop saves at the end of the step and stops; a second
-    Ctrl-C stops at once (the last checkpoint stays intact: saves are crash-consistent)."""
-    def on_signal(signum, frame):
-        if run.stop and signum == signal.SIGINT:
-            print(f"stopped at once; the last checkpoint in {out}, if any, is intact", file=sys.stderr, flush=True)
-            os._exit(130)
-        run.stop.append(signum)
-        log(f"{signal.Signals(signum).name}: saving at the end of this step, then stopping (Ctrl-C again: at once)")
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, on_signal)
-
-
-def append_metrics(metrics_file: Path | None, entry: dict):
-    """A line of OUT/metrics.jsonl (written by process 0, whose metrics_file is not None)."""
-    if metrics_file is not None:
-        with open(metrics_file, "a") as f:
-            f.write(json.dumps(entry) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -397,9 +348,10 @@ def forward_backward(run: Run, loss_model, micro: list[dict], scaler, autocast, 
     return run.all_reduce(loss_sum) / n_targets, tokens
 
 
-def optimizer_step(optimizer, scaler, params, clip: float, loss: float, step: int, out: Path):
+def optimizer_step(optimizer, scaler, params, clip: float, loss: float, step: int, out: Path) -> float:
     """Clip, then step, unless the loss or the gradients are not finite: float16 gradients that overflowed
-    skip the step (and lower the loss scale); otherwise the run stops before anything is written."""
+    skip the step (and lower the loss scale); otherwise the run stops before anything is written. Returns
+    the gradients' norm before clipping."""
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
     if scaler.is_enabled() and math.isfinite(loss) and not torch.isfinite(grad_norm):
@@ -412,140 +364,159 @@ def optimizer_step(optimizer, scaler, params, clip: float, loss: float, step: in
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
+    return grad_norm.item()
 
 
 @dataclass
-class Progress:
-    """Speed and time left, measured between log lines."""
-    start: int  # the step this run started from
+class Loop:
+    """What the training loop calls (made by `build`): the model and its optimizer, the step's module, the
+    batches, and evaluation, saving and reporting bound to the run."""
+    model: PaliGemma
+    params: list
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    loss_model: nn.Module
+    autocast: torch.autocast
+    loader: torch.utils.data.DataLoader
+    evaluation: object  # step -> why it could not evaluate, or None
+    checkpoint: object  # step -> None: saves the step
+    reporter: Reporter | None
+    start: int
     steps: int
-    t_start: float = field(default_factory=time.perf_counter)
-    t_log: float = field(default_factory=time.perf_counter)
-    tokens: int = 0  # read since the last line
-
-    def __post_init__(self):
-        self.logged_step = self.start
-
-    def line(self, done: int, loss: float, lr: float, device) -> tuple[str, float]:
-        now = time.perf_counter()
-        per_step = (now - self.t_log) / (done - self.logged_step)
-        memory = f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else ""
-        minutes_left = (self.steps - done) * (now - self.t_start) / (done - self.start) / 60
-        speed = self.tokens / (now - self.t_log)
-        text = (f"step {done}/{self.steps}: loss {loss:.4f}, lr {lr:.2e}, {speed:.0f} tok/s, "
-                f"{per_step:.2f} s/step{memory}, {minutes_left:.1f} min left")
-        self.t_log, self.logged_step, self.tokens = now, done, 0
-        return text, per_step
-
-
-def evaluate_and_log(run: Run, step: int, score, root: SuffixLossSum, sharded: bool, metrics_file: Path | None):
-    """`score()` (evaluate on the validation set) in process 0, or under --fsdp in every process alike (a
-    rank that skipped a layer's gather would hang the others), with the root unsharded."""
-    if run.rank == 0 or sharded:
-        if sharded:
-            root.unshard()
-        metrics, shown = score()
-        if sharded:
-            root.reshard()
-        log(f"eval step {step}: {format_scores(metrics)}", *shown, sep="\n")
-        append_metrics(metrics_file, dict(step=step, **metrics))
-    run.barrier()
-
-
-def save(run: Run, step: int, **checkpoint):
-    """The checkpoint of `step`: written by process 0, or under --fsdp by every process (checkpoint.py)."""
-    if run.rank == 0 or checkpoint["sharded"]:
-        save_checkpoint(step=step, **checkpoint)
-    run.barrier()
-
-
-def check_images(run: Run, micro: list[dict], step: int, start: int, checkpoint):
-    """An image that became unreadable since the data check (in any process) stops the run, saved at the
-    step before."""
-    error = next((b["error"] for b in micro if "error" in b), None)
-    if run.all_reduce(error is not None, dist.ReduceOp.MAX):
-        if step > start:
-            checkpoint(step)
-        fail(f"{error or 'an image of another process cannot be read'}; stopped before step {step + 1}"
-             + (f", saved at step {step}" if step > start else "") + ": fix the data and --resume")
-
-
-def log_memory(model, optimizer):
-    state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
-    log(f"memory of process 0: weights {mib_held(model.parameters()):.2f} MiB, "
-        f"optimizer state {mib_held(state):.2f} MiB")
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args, given = parse_args(argv)
+    try:
+        run, val_file, saved = prepare(args, given)
+        with lock_out_folder(args.out) if run.rank == 0 else contextlib.nullcontext():  # held until training ends
+            loop = build(args, given, run, val_file, saved)
+            train(args, run, loop)
+            finish(args, run, loop)
+    except KeyboardInterrupt:  # before the signal handlers are in place: the data check, loading
+        print(f"{Path(sys.argv[0]).name}: stopped (Ctrl-C) before training began; no checkpoint was written",
+              file=sys.stderr, flush=True)
+        sys.exit(130)
 
-    # Setup: --out checked before anything is loaded; the device and processes; the tokenizer and data;
-    # the model (sharded under --fsdp before the optimizer, which must hold the shards); the optimizer, resumed.
-    check_out_folder(args.out, args.model, args.resume, args.overwrite)
-    run = setup(args)
-    source, lora_base, processor = checkpoint_source(args.out, args.model, args.resume, args.trainable == "lora")
-    train_set, val_set, steps = read_data(args, processor, run.world)
-    vae = read_vae(args.vae)
+
+def prepare(args, given: set[str]) -> tuple[Run, Path | None, tuple[dict, str] | None]:
+    """Before anything is loaded: the optional packages asked for, --out, the hub, and the train state to
+    resume (its options taken back into args); then the device and the processes."""
+    if args.tensorboard:
+        require("torch.utils.tensorboard", "--tensorboard", "tensorboard")
+    if args.wandb:
+        require("wandb", "--wandb", "wandb")
+    val_file = args.val or default_val_file(args.data)
+    check_out_folder(args.out, args.model, args.resume, args.overwrite, [args.data] + [val_file] * bool(val_file))
+    if args.push_to_hub:
+        check_hub(args.push_to_hub)
+    saved = read_train_state(args.out, "cpu") if args.resume else None
+    if saved:
+        resume_options(args, given, saved[0]["options"], args.out)
+    return setup(args), val_file, saved
+
+
+def build(args, given: set[str], run: Run, val_file: Path | None, saved) -> Loop:
+    """The tokenizer and data; the model (sharded under --fsdp before the optimizer, which must hold the
+    shards); the optimizer, resumed; --out made ready and the reports opened (process 0); then what the loop
+    calls, bound to them."""
+    source, lora_base = starting_point(args.out, args.model, args.resume, args.trainable == "lora", "model" in given)
+    try:
+        processor = Processor.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        fail(str(e))
+    train_set, val_set, steps = read_data(args, processor, run.world, val_file)
+    vae = read_vae(args.vae, val_set)
     model, root, params = build_model(args, run, source)
-    optimizer, scaler, resumed = optimizer_and_resume(args, run, model, params, steps)
+    optimizer, scaler, resumed = optimizer_and_resume(args, run, model, params, steps, saved)
     start = resumed["step"] if resumed else 0
     run.barrier()  # every process has read the train state before process 0 tidies --out
-    metrics_file = prepare_out_folder(args.out, resumed, args.overwrite, args.trainable == "lora") \
-        if run.rank == 0 else None
-
-    # What the loop calls: the training module, the data, evaluation and saving.
-    ddp = run.world > 1 and not args.fsdp
-    loss_model = training_module(root, args.grad_checkpointing, ddp, args.compile)
+    reporter = None
+    if run.rank == 0:
+        prepare_out_folder(args.out, resumed, args.overwrite, args.trainable == "lora")
+        reporter = Reporter(args.out, start, args.resume, args.tensorboard, args.wandb,
+                            {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                            resumed and resumed["wandb_id"])
     autocast = torch.autocast(run.device.type, dtype=run.dtype, enabled=run.dtype != torch.float32)
     order = micro_batches(len(train_set), args.batch_size, args.grad_accum, args.seed, start, steps, run.rank,
                           run.world)
-    loader = training_loader(train_set, processor, args.max_len, list(order))
-    score = functools.partial(evaluate, model, processor, val_set, args.batch_size, args.max_len,
-                              args.eval_max_new_tokens, run.device, autocast, vae)
-    evaluation = functools.partial(evaluate_and_log, run, score=score, root=root, sharded=args.fsdp,
-                                   metrics_file=metrics_file) if val_set else lambda step: None
-    checkpoint = functools.partial(save, run, out=args.out, model=model, optimizer=optimizer, scaler=scaler,
-                                   source=source, lora_base=lora_base, no_final_softcap=args.no_final_softcap,
-                                   sharded=args.fsdp, options={k: getattr(args, k) for k in RESUME_MUST_MATCH})
-    stop_on_signals(run, args.out)
+    loader = training_loader(Draws(train_set, args.seed if args.shuffle_objects else None), processor, args.max_len,
+                             list(order))
+    stopping = run.stopped if args.fsdp else lambda: bool(run.stop)  # under --fsdp all evaluate: all stop together
+    score = memory_is_enough("in evaluation", args)(functools.partial(  # each call inside the context
+        evaluate, model, processor, val_set, args.batch_size, args.max_len, args.eval_max_new_tokens, run.device,
+        autocast, vae, not args.no_constrain, args.repeat_iou, stopping))
+    evaluation = functools.partial(evaluate_together, run, score=score, root=root, sharded=args.fsdp,
+                                   reporter=reporter, vae=vae) if val_set else lambda step: None
+    data = {str(args.data): len(train_set)} | ({"validation": len(val_set)} if val_set else {})
+    checkpoint = functools.partial(
+        save_together, run, reporter=reporter, out=args.out, model=model, optimizer=optimizer, scaler=scaler,
+        source=source, lora_base=lora_base, no_final_softcap=args.no_final_softcap, sharded=args.fsdp,
+        wandb_id=reporter and reporter.wandb_id, options=run_options(args, steps),
+        card=reporter and functools.partial(card_of, args, run.world, lora_base or args.model, steps, data, reporter))
+    loss_model = training_module(root, args.grad_checkpointing, run.world > 1 and not args.fsdp, args.compile)
+    return Loop(model, params, optimizer, scaler, loss_model, autocast, loader, evaluation, checkpoint, reporter,
+                start, steps)
 
-    # The training loop: a step, then its log line, evaluation and save; a signal (in any process) stops it.
-    with contextlib.closing(batches_until_closed(loader)) as batches:  # the loader's workers stop with the loop
-        model.train()
-        if start == 0 and args.eval_every:
-            evaluation(0)
+
+def train(args, run: Run, loop: Loop):
+    """The training loop: a step, then its log line, evaluation and save; a signal (in any process) stops it."""
+    ddp, start, steps = run.world > 1 and not args.fsdp, loop.start, loop.steps
+    stop_on_signals(run, args.out)
+    with contextlib.closing(batches_until_closed(loop.loader)) as batches:  # the loader's workers stop with it
+        loop.model.train()
+        if start == 0 and args.eval_every and (why := loop.evaluation(0)):
+            fail(f"{why}; stopped before step 1: fix the data")
         progress = Progress(start, steps)
         for step in range(start, steps):
             done = step + 1
             lr = lr_at(step, args.lr, args.warmup, steps)
-            for group in optimizer.param_groups:
+            for group in loop.optimizer.param_groups:
                 group["lr"] = lr
             micro = [next(batches) for _ in range(args.grad_accum)]
-            check_images(run, micro, step, start, checkpoint)
-            loss, tokens = forward_backward(run, loss_model, micro, scaler, autocast, ddp)
-            optimizer_step(optimizer, scaler, params, args.clip, loss, done, args.out)
+            check_images(run, micro, step, start, loop.checkpoint)
+            with memory_is_enough(f"at step {done}", args):
+                loss, tokens = forward_backward(run, loop.loss_model, micro, loop.scaler, loop.autocast, ddp)
+                grad_norm = optimizer_step(loop.optimizer, loop.scaler, loop.params, args.clip, loss, done, args.out)
             progress.tokens += tokens
 
             if done == start + 1:
-                log_memory(model, optimizer)
+                log_memory(loop.model, loop.optimizer)
             if done % args.log_every == 0 or done == steps:
-                line, per_step = progress.line(done, loss, lr, run.device)
+                line, numbers = progress.line(done, loss, lr, run.device)
                 log(line)
-                append_metrics(metrics_file, dict(step=done, loss=loss, lr=lr, seconds_per_step=per_step))
-            if args.eval_every and done % args.eval_every == 0 and done != steps:
-                evaluation(done)
-            stop = int(run.all_reduce(run.stop[0] if run.stop else 0, dist.ReduceOp.MAX))
-            if stop or done == steps or (args.save_every and done % args.save_every == 0):
-                checkpoint(done)
-            if stop:
-                log(f"stopped at step {done}; continue with --resume")
-                sys.exit(128 + stop)  # 130 after Ctrl-C, 143 after SIGTERM: not a finished run
+                if loop.reporter:
+                    loop.reporter.write(done, numbers | dict(grad_norm=grad_norm))
+            if args.eval_every and done % args.eval_every == 0 and done != steps and (why := loop.evaluation(done)):
+                loop.checkpoint(done)
+                fail(f"{why}; saved at step {done}: fix the validation data and --resume")
+            if run.stopped():
+                stop_now(run, done, loop.checkpoint)
+            if done == steps or (args.save_every and done % args.save_every == 0):
+                loop.checkpoint(done)
 
-    # Final evaluation; the merged model.
-    evaluation(steps)
+
+def finish(args, run: Run, loop: Loop):
+    """The final evaluation (a signal, during it or the final save, stops the run: its checkpoint is saved),
+    the model card with its scores, the merged model, the upload."""
+    why = None if run.stopped() else loop.evaluation(loop.steps)
+    if run.stopped():
+        stop_now(run, loop.steps)
+    if why:
+        fail(f"{why}; the checkpoint of step {loop.steps} is saved")
+    if loop.reporter:
+        loop.reporter.write_card(loop.checkpoint.keywords["card"]())
     if args.merge and run.rank == 0:
-        save_merged(args.out / "merged", source, model, args.no_final_softcap)
+        save_merged(args.out / "merged", loop.checkpoint.keywords["source"], loop.model, args.no_final_softcap,
+                    adapter=args.out)
+    if args.push_to_hub and run.rank == 0:
+        push(args.out, args.push_to_hub, args.hub_private)
+    if loop.reporter:
+        loop.reporter.close()
     if dist.is_initialized():
+        # DDP's Reducer must not hold the last reference to the process group: freed from it, gloo's
+        # destructor joins its threads while holding the GIL they may need, and the process hangs at exit
+        loop.loss_model = None
         dist.destroy_process_group()
 
 

@@ -21,6 +21,7 @@ and kernel size is read from the arrays' shapes, so that a narrower VQ-VAE of th
 loads too. Imports torch and numpy only (huggingface_hub to download vae-oid.npz).
 """
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -109,10 +110,16 @@ class VQVAE(nn.Module):
     def from_npz(cls, path) -> "VQVAE":
         """A VQ-VAE saved as vae-oid.npz is, strictly: a missing or mis-shaped array is an error naming it."""
         try:
-            with np.load(path) as npz:
+            loaded = np.load(path)
+            if not isinstance(loaded, np.lib.npyio.NpzFile):
+                raise ValueError(f"{path}: a single array (.npy), not an npz archive of the VQ-VAE's arrays")
+            with loaded as npz:
                 arrays = {name: npz[name] for name in npz.files}
-        except (OSError, ValueError, EOFError) as e:
+        except (OSError, EOFError, zipfile.BadZipFile) as e:
             raise ValueError(f"{path}: not a readable npz file ({e})") from None
+        except ValueError as e:
+            raise ValueError(str(e) if str(e).startswith(str(path)) else f"{path}: not a readable npz file ({e})") \
+                from None
         try:
             model = cls({name: a.shape for name, a in arrays.items()})
         except KeyError as e:
@@ -137,8 +144,10 @@ class VQVAE(nn.Module):
         if path is None:
             import huggingface_hub
 
-            try:
-                path = huggingface_hub.hf_hub_download(**HUB_FILE)
+            try:  # snapshot_download fails at once offline; hf_hub_download retries for ~25 s, loudly
+                folder = huggingface_hub.snapshot_download(HUB_FILE["repo_id"], repo_type=HUB_FILE["repo_type"],
+                                                           allow_patterns=[HUB_FILE["filename"]])
+                path = Path(folder) / HUB_FILE["filename"]
             except Exception as e:  # network, missing file: the hub library raises many types
                 raise OSError(f"vae-oid.npz could not be fetched from the Hugging Face hub ({type(e).__name__}); "
                               "download it from there or from gs://big_vision/paligemma/vae-oid.npz "

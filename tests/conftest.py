@@ -7,6 +7,7 @@ shards with an index; each with a SentencePiece model trained here with Gemma's 
 """
 
 import json
+import os
 import shutil
 import signal
 import sys
@@ -251,6 +252,17 @@ def run_train(mqa_checkpoint, data):
         return out
 
     return run
+
+
+def stopped_then_resumed(run_train, monkeypatch, out: Path, *args, step: int, **kwargs) -> Path:
+    """run_train stopped as if Ctrl-C came during step `step` (its log line sends SIGINT), then resumed."""
+    import train
+    monkeypatch.setattr(train, "log", lambda *a, **k: os.kill(os.getpid(), signal.SIGINT)
+                        if str(a[0]).startswith(f"step {step}/") else None)
+    with pytest.raises(SystemExit):
+        run_train(out, *args, **kwargs)
+    monkeypatch.undo()
+    return run_train(out, *args, "--resume", **kwargs)
 
 
 @pytest.fixture(scope="session")

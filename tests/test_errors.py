@@ -18,7 +18,7 @@ import checkpoint
 import data as data_py
 import infer
 import train
-from conftest import random_images, rewrite_official
+from conftest import make_dataset, random_images, rewrite_official
 from paligemma import PaliGemma, read_config
 from processor import Processor, load_image
 
@@ -246,11 +246,11 @@ def test_large_images_are_decoded_one_at_a_time(data, monkeypatch):
     active, most = [0], [0]
     real = data_py.load_image
 
-    def counting(path):
+    def counting(path, *rest):
         active[0] += 1
         most[0] = max(most[0], active[0])
         try:
-            return real(path)
+            return real(path, *rest)
         finally:
             active[0] -= 1
     monkeypatch.setattr(data_py, "load_image", counting)
@@ -260,7 +260,7 @@ def test_large_images_are_decoded_one_at_a_time(data, monkeypatch):
 
 def test_disk_full_during_save(trained, data, tmp_path, capsys, monkeypatch):
     out = shutil.copytree(trained, tmp_path / "o")
-    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    before = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file() and f.name != "train.lock"}
 
     def full(path, tensors, metadata):
         Path(path).write_bytes(b"partial")
@@ -269,13 +269,13 @@ def test_disk_full_during_save(trained, data, tmp_path, capsys, monkeypatch):
     line = one_line_error(capsys, train.main, ["--data", data, "--model", "unused/hub-id", "--out", out, "--steps", "3",
                                                "--batch-size", "4", "--eval-every", "0", "--resume"])
     assert "cannot save the checkpoint of step 3" in line and "No space left on device" in line and "intact" in line
-    after = {f.name: f.read_bytes() for f in out.iterdir()}
+    after = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file() and f.name != "train.lock"}
     assert {k: v for k, v in after.items() if k != "metrics.jsonl"} == \
         {k: v for k, v in before.items() if k != "metrics.jsonl"}  # the step-2 checkpoint, and no temporary file
 
 
 def test_saved_files_have_the_mode_of_their_siblings(trained):
-    modes = {f.name: f.stat().st_mode & 0o777 for f in trained.iterdir()}
+    modes = {f.name: f.stat().st_mode & 0o777 for f in trained.iterdir() if f.is_file()}
     assert len(set(modes.values())) == 1, modes
 
 
@@ -389,7 +389,7 @@ INFER = [
     (lambda tmp, image: ["--out", image], "is one of the input images; it would be overwritten"),
     (lambda tmp, image: ["--image", image.with_name("a_1.png"), "--out", image], "a_1.png is one of the input images"),
     (lambda tmp, image: ["--image", tmp], "is a directory, not an image file"),
-    (lambda tmp, image: ["--image", bomb(tmp)], "bomb.png: too large to decode safely"),
+    (lambda tmp, image: ["--image", bomb(tmp)], "bomb.png: is 15000 x 15000 pixels, more than the limit of 89,478,485"),
     (lambda tmp, image: ["--vae", tmp / "vae-oid.npz"], "--vae {tmp}/vae-oid.npz: no such file"),
 ]
 
@@ -467,3 +467,317 @@ def test_load_image_names_the_problem(tmp_path):
                            (tmp_path / "empty.jpg", "is an empty file"), (tmp_path / "text.jpg", "cannot be decoded")):
         with pytest.raises(ValueError, match=expected):
             load_image(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Round two: evaluation, the metrics file, resume, data and checkpoints a careful probe tried
+
+
+def train_args(data, model, out, *extra):
+    return ["--data", data, "--model", model, "--out", out, "--batch-size", "4", "--log-every", "1", *extra]
+
+
+def test_a_validation_image_gone_saves_first(mqa_checkpoint, tmp_path, capsys, monkeypatch):
+    """The evaluation of step 2 meets a deleted validation image: step 2 is saved, then one line names it."""
+    folder = tmp_path / "d"
+    make_dataset(folder, 8, "valid.jsonl", seed=1)
+    data = make_dataset(folder, 8, "train.jsonl")
+    real_log = train.log
+
+    def delete_after_step_1(*args, **kwargs):
+        real_log(*args, **kwargs)
+        if str(args[0]).startswith("step 1/"):
+            for f in folder.glob("valid.jsonl-*.png"):
+                f.unlink()
+    monkeypatch.setattr(train, "log", delete_after_step_1)
+    line = one_line_error(capsys, train.main, train_args(data, mqa_checkpoint, tmp_path / "o", "--steps", "4",
+                                                         "--eval-every", "2"))
+    assert "evaluation at step 2: image" in line and "valid.jsonl-0.png: no such image file" in line
+    assert "saved at step 2" in line and checkpoint.read_train_state(tmp_path / "o", "cpu")[0]["step"] == 2
+
+
+def test_the_metrics_file_on_a_full_disk(trained, data, tmp_path, capsys, monkeypatch):
+    import report
+    out = shutil.copytree(trained, tmp_path / "o")
+    weights = (out / "model.safetensors").read_bytes()
+
+    def full(path, mode="r", *args, **kwargs):
+        if str(path).endswith("metrics.jsonl") and mode == "a":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return open(path, mode, *args, **kwargs)
+    monkeypatch.setattr(report, "open", full, raising=False)
+    line = one_line_error(capsys, train.main, train_args(data, "unused/hub-id", out, "--steps", "3", "--resume"))
+    assert "cannot write" in line and "metrics.jsonl (No space left on device)" in line and "is intact" in line
+    assert (out / "model.safetensors").read_bytes() == weights
+
+
+def test_resume_with_changed_options(trained, data, tmp_path, capsys):
+    """Each option is applied and said, or refused naming both values (README: What the tools promise)."""
+    def resume(name, *extra):
+        out = shutil.copytree(trained, tmp_path / name)
+        train.main([str(a) for a in train_args(data, "unused/hub-id", out, "--steps", "3", "--eval-every", "0",
+                                               "--resume", *extra)])
+        return out, capsys.readouterr().out
+    plain, _ = resume("plain")
+    decayed, said = resume("decay", "--weight-decay", "0.5")
+    assert "--resume: --weight-decay 0.5 from here on (the run had 0.0)" in said
+    a, b = (PaliGemma.from_pretrained(f).state_dict() for f in (plain, decayed))
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # the new weight decay takes effect
+    _, said = resume("longer", "--steps", "6")
+    assert "--resume: the schedule now ends at step 6 (the run's at 2)" in said
+    other = shutil.copy(data, tmp_path / "changed.jsonl")
+    Path(other).write_text(Path(other).read_text().replace("what colour", "which colour"))
+    for f in data.parent.glob("train.jsonl-*.png"):
+        shutil.copy(f, tmp_path)
+    out = shutil.copytree(trained, tmp_path / "changed-data")
+    train.main([str(a) for a in train_args(other, "unused/hub-id", out, "--steps", "3", "--eval-every", "0",
+                                           "--resume")])
+    assert "is not the data the run began with" in capsys.readouterr().out
+    out = shutil.copytree(trained, tmp_path / "batch")
+    assert "was trained with --batch-size 4, not 2" in one_line_error(
+        capsys, train.main, train_args(data, "unused/hub-id", out, "--steps", "3", "--resume", "--batch-size", "2"))
+
+
+def test_an_adapter_resumed_on_another_base(adapter_run, data, tmp_path, capsys):
+    out = shutil.copytree(adapter_run, tmp_path / "o")
+    assert "is an adapter of" in one_line_error(capsys, train.main, train_args(
+        data, "other/base-model", out, "--steps", "2", "--trainable", "lora", "--resume"))
+
+
+def test_a_second_run_into_the_same_out_is_refused(mqa_checkpoint, data, tmp_path, capsys):
+    hold = (f"import sys, time; from pathlib import Path; sys.path.insert(0, {str(ROOT)!r}); import checkpoint; "
+            f"lock = checkpoint.lock_out_folder(Path({str(tmp_path / 'o')!r})); print('locked', flush=True); "
+            "time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"  # as a first run holds it
+    line = one_line_error(capsys, train.main, train_args(data, mqa_checkpoint, tmp_path / "o", "--steps", "1"))
+    assert f"is in use by another train.py run (process {holder.pid})" in line
+    holder.kill()  # the first run dies: the kernel releases its lock
+    holder.wait()
+    train.main([str(a) for a in train_args(data, mqa_checkpoint, tmp_path / "o", "--steps", "1", "--eval-every",
+                                           "0")])
+
+
+def rotated_jpeg(path: Path) -> Path:
+    """A 40 x 20 JPEG, red on its left half, tagged with EXIF orientation 6: viewers show it 20 x 40."""
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:, :20] = (255, 0, 0)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to view
+    Image.fromarray(pixels).save(path, exif=exif.tobytes())
+    return path
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    image = load_image(rotated_jpeg(tmp_path / "phone.jpg"))
+    assert image.size == (20, 40)
+    top = np.asarray(image)[:20].mean((0, 1))
+    assert top[0] > 200 and top[2] < 50  # the red half is on top once upright
+
+
+def test_the_tokenizer_must_fit_the_model(mqa_checkpoint, tmp_path):
+    folder = shutil.copytree(mqa_checkpoint, tmp_path / "ck")
+    config = json.loads((folder / "config.json").read_text())
+    config["image_token_index"] = 10  # below the tokenizer's pieces
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="pieces, more than the model's vocabulary below <image>"):
+        Processor.from_pretrained(folder)
+
+
+def test_generate_without_the_mask_of_a_padded_batch(mqa_checkpoint):
+    model, processor = PaliGemma.from_pretrained(mqa_checkpoint), Processor.from_pretrained(mqa_checkpoint)
+    batch = processor(random_images(2), ["caption en", "answer en how many circles are there?"])
+    with pytest.raises(ValueError, match="start with <pad> .* but no attention_mask"):
+        model.generate(batch["input_ids"], batch["pixel_values"], max_new_tokens=2)
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1, not 2.5"):
+        model.generate(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], max_new_tokens=2.5)
+
+
+def test_python_api_messages(mqa_checkpoint):
+    processor = Processor.from_pretrained(mqa_checkpoint)
+    with pytest.raises(ValueError, match="no examples"):
+        processor([], [])
+    with pytest.raises(TypeError, match="prefixes must be a list of strings, one per image, not a string"):
+        processor(random_images(1), "caption en")
+    with pytest.raises(FileNotFoundError, match="is a file, not a checkpoint folder"):
+        PaliGemma.from_pretrained(mqa_checkpoint / "config.json")
+
+
+def test_a_nan_box_in_a_coco_export_is_skipped(tmp_path, capsys):
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.jpg")
+    export = {"images": [dict(id=1, file_name="a.jpg", width=32, height=32)], "categories": [dict(id=1, name="x")],
+              "annotations": [dict(id=1, image_id=1, category_id=1, bbox=[float("nan"), 2, 10, 10],
+                                   segmentation=[[2, 2, 12, 2, 12, 12]]),
+                              dict(id=2, image_id=1, category_id=1, bbox=[2, 2, 10, 10],
+                                   segmentation=[[2, 2, 12, 2, 12, 12]])]}
+    (tmp_path / "_annotations.coco.json").write_text(json.dumps(export))  # json writes NaN, as Python reads it
+    data_py.main(["--coco", str(tmp_path / "_annotations.coco.json"), "--vae", str(ROOT / "tiny" / "vae-tiny.npz")])
+    assert "1 instance(s) skipped" in capsys.readouterr().out
+    assert len(json.loads((tmp_path / "annotations.jsonl").read_text())["suffix"].split(" ; ")) == 1
+
+
+def surrogate(tmp):
+    return b'{"image": "train.jsonl-0.png", "prefix": "caption \\ud800en", "suffix": "x"}'
+
+
+ROUND_TWO_DATA = [
+    ("a lone surrogate", surrogate, "prefix holds '\\ud800', half of a UTF-16 pair: not text"),
+    ("nested brackets", lambda tmp: b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    ("a FIFO as the image", lambda tmp: os.mkfifo(tmp / "pipe.png") or line("pipe.png"), "is a FIFO (named pipe)"),
+    ("/dev/zero as the image", lambda tmp: line("/dev/zero"), "/dev/zero: is a character device"),
+    ("a 13000 x 13000 image", lambda tmp: Image.new("1", (13000, 13000)).save(tmp / "big.png") or line("big.png"),
+     "big.png: is 13000 x 13000 pixels, more than the limit of 89,478,485 (--max-image-pixels raises it)"),
+]
+
+
+@pytest.mark.parametrize("name, bad_line, expected", ROUND_TWO_DATA, ids=[d[0] for d in ROUND_TWO_DATA])
+@pytest.mark.parametrize("where", ["--data", "--val"])
+def test_round_two_bad_data(name, bad_line, expected, where, mqa_checkpoint, data, tmp_path, capsys):
+    """One line naming the file and line, in the training file or the validation file; --skip-bad skips it."""
+    path = write_lines(tmp_path, data, bad_line(tmp_path))
+    files = {"--data": data, "--val": data.parent / "valid.jsonl"} | {where: path}
+    argv = train_args(files["--data"], mqa_checkpoint, tmp_path / "o", "--val", files["--val"], "--steps", "1")
+    with pytest.raises(SystemExit) as e:
+        train.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"{path}:5: " in err and expected in err and "Traceback" not in err, err
+    train.main([str(a) for a in argv + ["--skip-bad", "--eval-every", "0"]])
+    assert f"skipped 1 bad line(s), e.g. {path}:5: " in capsys.readouterr().out
+
+
+def test_a_larger_image_limit_is_taken(mqa_checkpoint, tmp_path):
+    Image.new("1", (13000, 13000)).save(tmp_path / "big.png")
+    assert load_image(tmp_path / "big.png", max_pixels=13000 * 13000).size == (13000, 13000)
+
+
+def test_a_long_validation_prompt_is_refused_before_training(mqa_checkpoint, data, tmp_path, capsys):
+    val = write_lines(tmp_path, data, line("train.jsonl-0.png", prefix="caption en " + "word " * 40))
+    line_ = one_line_error(capsys, train.main, train_args(data, mqa_checkpoint, tmp_path / "o", "--val", val,
+                                                          "--max-len", "16"))
+    assert "1 bad line(s)" in line_ and not (tmp_path / "o" / "model.safetensors").exists()
+
+
+ROUND_TWO_CHECKPOINTS = [
+    ("nested brackets in config.json", lambda t, c: broken(t, c, lambda f: (f / "config.json").write_text(
+        "[" * 100_000 + "]" * 100_000)), "config.json: nested too deeply"),
+    ("an index naming an absolute path", lambda t, c: sharded(t, c, lambda index: index | {"weight_map": {
+        k: "/etc/passwd" for k in index["weight_map"]}}), "outside the checkpoint's folder"),
+    ("an index leading out of the folder", lambda t, c: sharded(t, c, lambda index: index | {"weight_map": {
+        k: "../" + v for k, v in index["weight_map"].items()}}), "outside the checkpoint's folder"),
+    ("100000 layers in config.json", lambda t, c: broken(t, c, lambda f: (f / "config.json").write_text(
+        (f / "config.json").read_text().replace('"num_hidden_layers": 2', '"num_hidden_layers": 100000', 1))),
+     "gives language_model 100000 layers; the checkpoint holds 2"),
+]
+
+
+@pytest.mark.parametrize("name, make, expected", ROUND_TWO_CHECKPOINTS, ids=[c[0] for c in ROUND_TWO_CHECKPOINTS])
+def test_round_two_checkpoints(name, make, expected, mqa_checkpoint, data, tmp_path, capsys):
+    folder = make(tmp_path, mqa_checkpoint)
+    import time
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=".") as e:
+        PaliGemma.from_pretrained(folder)
+    assert expected in str(e.value) and time.perf_counter() - start < 5
+    assert expected in one_line_error(capsys, infer.main, ["--model", folder, "--image",
+                                                           data.parent / "train.jsonl-0.png", "--prompt", "x"])
+
+
+def adapter_config_edit(edit):
+    def make(out):
+        config = json.loads((out / "adapter_config.json").read_text())
+        (out / "adapter_config.json").write_text(json.dumps(edit(config)))
+    return make
+
+
+ADAPTERS = [
+    ("no base model", adapter_config_edit(lambda c: {k: v for k, v in c.items() if k != "base_model_name_or_path"}),
+     "names no base model (base_model_name_or_path)"),
+    ("a null base model", adapter_config_edit(lambda c: c | {"base_model_name_or_path": None}),
+     "names no base model"),
+    ("a number for the base model", adapter_config_edit(lambda c: c | {"base_model_name_or_path": 3}),
+     "base_model_name_or_path is 3, not the name of a model"),
+    ("not an object", adapter_config_edit(lambda c: [c]), "expected a JSON object, not list"),
+]
+
+
+@pytest.fixture(scope="module")
+def adapter_run(mqa_checkpoint, data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("adapter") / "o"
+    train.main([str(a) for a in train_args(data, mqa_checkpoint, out, "--steps", "1", "--eval-every", "0",
+                                           "--trainable", "lora", "--lora-rank", "2")])
+    return out
+
+
+@pytest.mark.parametrize("name, edit, expected", ADAPTERS, ids=[a[0] for a in ADAPTERS])
+def test_broken_adapter_configs(name, edit, expected, adapter_run, data, tmp_path, capsys):
+    out = shutil.copytree(adapter_run, tmp_path / "o")
+    edit(out)
+    image = data.parent / "train.jsonl-0.png"
+    assert expected in one_line_error(capsys, infer.main, ["--model", out, "--image", image, "--prompt", "x"])
+    assert expected in one_line_error(capsys, train.main, train_args(data, "unused/hub-id", out, "--steps", "2",
+                                                                     "--trainable", "lora", "--resume"))
+
+
+def test_a_train_state_without_an_entry(trained, data, tmp_path, capsys):
+    out = shutil.copytree(trained, tmp_path / "o")
+    state = torch.load(out / "train_state.pt")
+    del state["scaler"]
+    torch.save(state, out / "train_state.pt")
+    assert "train_state.pt has no scaler" in one_line_error(
+        capsys, train.main, train_args(data, "unused/hub-id", out, "--steps", "3", "--resume"))
+
+
+def test_vae_files_that_are_not_npz(mqa_checkpoint, data, tmp_path, capsys):
+    np.save(tmp_path / "vae.npy", np.zeros(3))
+    (tmp_path / "corrupt.npz").write_bytes(b"PK\x03\x04" + b"\x00" * 100)
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.jpg")
+    (tmp_path / "c.json").write_text(json.dumps({"images": [], "annotations": [], "categories": []}))
+    for vae, expected in ((tmp_path / "vae.npy", "a single array (.npy), not an npz archive"),
+                          (tmp_path / "corrupt.npz", "corrupt.npz: not a readable npz file")):
+        assert expected in one_line_error(capsys, train.main, train_args(data, mqa_checkpoint, tmp_path / "o",
+                                                                         "--vae", vae))
+        line_ = one_line_error(capsys, data_py.main, ["--coco", tmp_path / "c.json", "--vae", vae])
+        assert "--vae: " in line_ and expected in line_
+
+
+def test_out_dangling_symlink_and_deleted(mqa_checkpoint, data, tmp_path, capsys, monkeypatch):
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    assert "is a symbolic link to" in one_line_error(capsys, train.main, train_args(data, mqa_checkpoint,
+                                                                                    tmp_path / "link"))
+    real_log = train.log
+
+    def delete_out(*args, **kwargs):
+        real_log(*args, **kwargs)
+        if str(args[0]).startswith("step 2/"):
+            shutil.rmtree(tmp_path / "o")
+    monkeypatch.setattr(train, "log", delete_out)
+    train.main([str(a) for a in train_args(data, mqa_checkpoint, tmp_path / "o", "--steps", "2", "--eval-every",
+                                           "0")])
+    assert "was deleted during training; it is made again" in capsys.readouterr().out
+    PaliGemma.from_pretrained(tmp_path / "o")
+
+
+def test_out_of_memory_says_what_to_lower(mqa_checkpoint, data, tmp_path, capsys, monkeypatch):
+    def oom(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+    monkeypatch.setattr(train, "forward_backward", oom)
+    line_ = one_line_error(capsys, train.main, train_args(data, mqa_checkpoint, tmp_path / "o", "--steps", "1",
+                                                          "--eval-every", "0"))
+    assert "out of memory at step 1" in line_ and "lower --batch-size (4), or add --grad-checkpointing, or add " \
+        "--quantize nf4" in line_
+
+
+def test_what_a_new_user_met(mqa_checkpoint, data, image, tmp_path, capsys):
+    assert "holds the data file" in one_line_error(capsys, train.main, train_args(data, mqa_checkpoint, data.parent))
+    other = tmp_path / "other.png"
+    Image.new("RGB", (8, 8)).save(other)
+    before = other.read_bytes()
+    assert "exists: replace it with --overwrite" in one_line_error(
+        capsys, infer.main, ["--model", mqa_checkpoint, "--image", image, "--prompt", "x", "--out", other])
+    assert other.read_bytes() == before
+    typo = mqa_checkpoint.parent / mqa_checkpoint.name.replace("-", "_")
+    assert "no such local folder" in one_line_error(capsys, infer.main, ["--model", typo, "--image", image,
+                                                                         "--prompt", "x"])
+    for script in ("train.py", "infer.py"):
+        r = subprocess.run([sys.executable, ROOT / script, "--help"], capture_output=True, text=True, timeout=60)
+        assert "(default: google/paligemma-3b-pt-224)" in " ".join(r.stdout.split()), r.stdout

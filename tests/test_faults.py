@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 import checkpoint
+import run
 import train
 from paligemma import PaliGemma
 
@@ -38,9 +39,9 @@ def in_child(fn) -> int:
 
 
 def count_or_kill(at: int | None, counted: list):
-    """Wraps every file operation of the first train.save_checkpoint of a run (a file written, fsync, rename,
-    unlink): SIGKILL this process just before operation number `at`; record the operations in `counted`."""
-    real_save, saving, saved = train.save_checkpoint, [], []
+    """Wraps every file operation of the first checkpoint save of a run (run.save_checkpoint: a file written,
+    fsync, rename, unlink): SIGKILL this process just before operation number `at`; record them in `counted`."""
+    real_save, saving, saved = run.save_checkpoint, [], []
 
     def operation(name, real):
         def wrapped(*args, **kwargs):
@@ -60,7 +61,7 @@ def count_or_kill(at: int | None, counted: list):
         saving.extend([] if saved else [True])
         real_save(*args, **kwargs)
         saving.clear(), saved.append(True)
-    train.save_checkpoint = save
+    run.save_checkpoint = save
 
 
 def resume(out: Path, data: Path, steps: int):
@@ -189,3 +190,67 @@ def test_sigterm_to_a_torchrun_job(mqa_checkpoint, data, tmp_path):
     step = int(checkpoint.read_train_state(tmp_path / "o", "cpu")[0]["step"])
     assert f"saved {tmp_path / 'o'} at step {step}" in out and f"stopped at step {step}" in out, out
     PaliGemma.from_pretrained(tmp_path / "o")
+
+
+def test_sighup_saves_and_exits_129(mqa_checkpoint, data, tmp_path):
+    """A closed terminal or ssh session sends SIGHUP: saved at the end of the step, the workers gone."""
+    proc = start_training(data, mqa_checkpoint, tmp_path / "o")
+    os.killpg(proc.pid, signal.SIGHUP)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 129 and "SIGHUP: saving at the end of this step" in out, out + err
+    assert group_ends(proc.pid)
+    assert f"stopped at step {checkpoint.read_train_state(tmp_path / 'o', 'cpu')[0]['step']}" in out
+
+
+def test_a_signal_during_the_final_evaluation(mqa_checkpoint, data, tmp_path):
+    """SIGTERM while the final evaluation runs (each forward pass slowed to 0.3 s, 8 examples one at a time):
+    the evaluation stops, the checkpoint of the last step is saved, exit 143, at once rather than after it."""
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_TRAINING.format(root=str(ROOT)), "--data", str(data),
+                             "--model", str(mqa_checkpoint), "--out", str(tmp_path / "o"), "--steps", "2",
+                             "--batch-size", "1", "--log-every", "1", "--eval-every", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for(proc, "saved ")
+    start = time.monotonic()
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "stopped at step 2" in out and "eval step" not in out, out + err
+    assert time.monotonic() - start < 8 * 0.6  # not the whole evaluation
+    assert checkpoint.read_train_state(tmp_path / "o", "cpu")[0]["step"] == 2
+
+
+def test_two_runs_into_one_out(mqa_checkpoint, data, tmp_path):
+    """The second is refused naming the first's process; once the first is killed (kill -9), the lock is gone."""
+    first = start_training(data, mqa_checkpoint, tmp_path / "o")
+    second = subprocess.run([sys.executable, ROOT / "train.py", "--data", data, "--model", mqa_checkpoint, "--out",
+                             tmp_path / "o", "--steps", "1", "--batch-size", "4", "--overwrite"],
+                            capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2 and f"is in use by another train.py run (process {first.pid})" in second.stderr
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait(timeout=60)
+    again = subprocess.run([sys.executable, ROOT / "train.py", "--data", data, "--model", mqa_checkpoint, "--out",
+                            tmp_path / "o", "--steps", "1", "--batch-size", "4", "--overwrite", "--eval-every", "0"],
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+
+
+def test_ctrl_c_during_the_data_check(mqa_checkpoint, data, tmp_path):
+    """Stopped at once (exit 130, one line), not after every queued image has been checked."""
+    lines = data.read_text().splitlines()
+    many = tmp_path / "many.jsonl"
+    for f in data.parent.glob("train.jsonl-*.png"):
+        for copy in range(40):  # 640 distinct images
+            shutil.copy(f, tmp_path / f"{copy}-{f.name}")
+    many.write_text("".join(line.replace('"train.jsonl-', f'"{copy}-train.jsonl-') + "\n"
+                            for copy in range(40) for line in lines))
+    slow = ("import sys, time; sys.path.insert(0, {root!r}); import data, train; check = data.check_image; "
+            "data.check_image = lambda *a: (time.sleep(0.2), check(*a))[1]; train.main(sys.argv[1:])")
+    proc = subprocess.Popen([sys.executable, "-c", slow.format(root=str(ROOT)), "--data", str(many), "--model",
+                             str(mqa_checkpoint), "--out", str(tmp_path / "o")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for(proc, f"{many}: checking")
+    time.sleep(0.5)
+    start = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "stopped (Ctrl-C) before training began" in err and "Traceback" not in err, err
+    assert time.monotonic() - start < 5  # 640 images x 0.2 s / 8 threads would be 16 s

@@ -62,7 +62,8 @@ def test_eos_stops_a_row(tiny):
     # when every row has written <eos>, the loop ends early
     model.config.eos_token_id = int(first[0])
     try:
-        alone = model.generate(batch["input_ids"][:1], batch["pixel_values"][:1], max_new_tokens=5)
+        alone = model.generate(batch["input_ids"][:1], batch["pixel_values"][:1], batch["attention_mask"][:1],
+                               max_new_tokens=5)
     finally:
         model.config.eos_token_id = 1
     assert alone.shape == (1, 1)

@@ -118,9 +118,9 @@ def test_masks_are_drawn_from_seg_tokens(mqa_checkpoint, images, tmp_path, monke
     # (A --vae file that does not exist is refused before the model loads: see test_errors.py.)
     import huggingface_hub
 
-    def offline(**kwargs):
+    def offline(*args, **kwargs):
         raise huggingface_hub.errors.LocalEntryNotFoundError("no connection")
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     infer.main(["--model", str(mqa_checkpoint), "--image", str(images / "a.png"), "--prompt", "segment blob",
                 "--out", str(tmp_path / "boxes.png")])
     err = capsys.readouterr().err

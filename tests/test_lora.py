@@ -2,9 +2,7 @@
 changes nothing, and train.py --trainable lora learns, resumes and merges."""
 
 import json
-import os
 import shutil
-import signal
 
 import peft  # a test dependency, like transformers: the product never imports it
 import pytest
@@ -13,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import infer
 from conftest import (PREFIXES, SUFFIXES, TOL, fresh_checkpoint, hf_model, make_dataset, max_diff_on_tokens,
-                      random_images)
+                      random_images, stopped_then_resumed)
 from checkpoint import save_adapter
 from lora import MLP, add_lora, load_adapter, merge_lora
 from paligemma import PaliGemma
@@ -128,7 +126,7 @@ def test_train_lora_learns_resumes_and_merges(run_train, mqa_checkpoint, tmp_pat
             "--steps", "30", "--eval-every", "0"]
     out = run_train(tmp_path / "o", *args, "--merge", data=handful)
     assert {f.name for f in out.iterdir()} == {"adapter_config.json", "adapter_model.safetensors", "train_state.pt",
-                                               "metrics.jsonl", "merged"}
+                                               "metrics.jsonl", "merged", "README.md", "train.lock"}
     assert not (out / "merged" / "adapter_config.json").exists()
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
               if "loss" in json.loads(line)]
@@ -150,13 +148,7 @@ def test_train_lora_learns_resumes_and_merges(run_train, mqa_checkpoint, tmp_pat
     assert max_diff_on_tokens(theirs, ours, batch["attention_mask"]) <= TOL
 
     # Resumed after step 12, the adapter equals the uninterrupted run's.
-    import train
-    monkeypatch.setattr(train, "log", lambda *a, **k: os.kill(os.getpid(), signal.SIGINT)
-                        if str(a[0]).startswith("step 12/") else None)  # as if Ctrl-C came during step 12
-    with pytest.raises(SystemExit):
-        run_train(tmp_path / "resumed", *args, data=handful)
-    monkeypatch.undo()
-    run_train(tmp_path / "resumed", *args, "--resume", data=handful)
+    stopped_then_resumed(run_train, monkeypatch, tmp_path / "resumed", *args, step=12, data=handful)
     a, b = (load_file(f / "adapter_model.safetensors") for f in (out, tmp_path / "resumed"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -168,10 +160,10 @@ def test_train_lora_learns_resumes_and_merges(run_train, mqa_checkpoint, tmp_pat
     printed = capsys.readouterr()
     assert printed.out.count("\n") == 2 and printed.err.count("with the adapter") == 2
 
-    # Resuming the adapter run without --trainable lora says what to add.
-    with pytest.raises(SystemExit) as e:
-        run_train(tmp_path / "resumed", "--resume", "--steps", "40", data=handful)
-    assert e.value.code == 2 and "holds a LoRA adapter: resume it with --trainable lora" in capsys.readouterr().err
+    # Resumed without repeating --trainable lora and its options: the run's own options, saved with it.
+    run_train(tmp_path / "resumed", "--resume", "--steps", "40", data=handful)
+    assert torch.load(tmp_path / "resumed" / "train_state.pt")["step"] == 40
+    assert "trainable (lora)" in capsys.readouterr().out
 
 
 def test_lora_options_need_trainable_lora(run_train, tmp_path, capsys):

@@ -1,0 +1,175 @@
+"""Answers that can only be well-formed: detections.AnswerGrammar accepts what our encoders write and nothing
+malformed; constrained generation yields parseable answers; a repeated object ends the answer; training
+can shuffle the objects and still resume bit for bit; evaluation draws its predictions."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import stopped_then_resumed
+from detections import (AnswerConstraint, AnswerGrammar, AnswerTokens, answer_problems, loc_tokens, parse_detections,
+                        segment_tokens)
+from infer import evaluation_picture
+from paligemma import PaliGemma
+from processor import Processor
+from vqvae import VQVAE
+
+ROOT = Path(__file__).resolve().parent.parent
+NAMES = ["circle", "square", "red triangle"]
+
+
+@pytest.fixture(scope="module")
+def tokens(mqa_checkpoint):
+    return AnswerTokens(Processor.from_pretrained(mqa_checkpoint).tokenizer)
+
+
+def walk(grammar: AnswerGrammar, ids: list[int], remaining: int = 1000) -> int | None:
+    """Feeds ids to the grammar; returns the position of the first one it does not allow (None: all allowed)."""
+    for position, token in enumerate(ids):
+        allowed = np.concatenate([np.atleast_1d(a) for a in grammar.allowed(remaining - position)])
+        if token not in allowed:
+            return position
+        grammar.advance(token)
+    return None
+
+
+def random_answer(rng, segment: bool, vae) -> str:
+    objects = []
+    for _ in range(int(rng.integers(1, 5))):
+        x1, y1 = (int(v) for v in rng.integers(0, 90, 2))
+        box = (x1, y1, x1 + int(rng.integers(3, 20)), y1 + int(rng.integers(3, 20)))
+        if segment:
+            mask = np.zeros((112, 112), dtype=bool)
+            mask[box[1]:box[3], box[0]:box[2]] = rng.random((box[3] - box[1], box[2] - box[0])) < 0.7
+            written = segment_tokens(mask, box, vae)
+        else:
+            written = loc_tokens(box, 112, 112)
+        objects.append(f"{written} {rng.choice(NAMES)}")
+    return " ; ".join(objects)
+
+
+@pytest.mark.parametrize("segment", [False, True])
+def test_accepts_what_our_encoders_write(segment, tokens, mqa_checkpoint):
+    tokenizer = Processor.from_pretrained(mqa_checkpoint).tokenizer
+    vae = VQVAE.from_npz(ROOT / "tiny" / "vae-tiny.npz")
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        answer = random_answer(rng, segment, vae)
+        grammar = AnswerGrammar(NAMES, segment, tokens)
+        assert walk(grammar, tokenizer.encode(answer) + [tokenizer.eos_id]) is None, answer
+        assert grammar.phase == "done" and len(grammar.objects) == len(parse_detections(answer, 112, 112))
+        assert answer_problems(answer, ("segment " if segment else "detect ") + " ; ".join(NAMES)) == \
+            dict(malformed=0, labels_not_in_prompt=0, repeated_objects=0)
+    assert walk(AnswerGrammar(NAMES, segment, tokens), [tokenizer.eos_id]) is None  # nothing found: allowed
+
+
+BOX = "<loc0100><loc0200><loc0300><loc0400>"
+SEGS = "".join(f"<seg{i:03d}>" for i in range(16))
+MALFORMED = {  # answer, segment prompt?, what answer_problems finds
+    "three locs": ("<loc0100><loc0200><loc0300> circle", False, "malformed"),
+    "a label not in the prompt": (f"{BOX} hexagon", False, "labels_not_in_prompt"),
+    "seg tokens in a detect answer": (f"{BOX}{SEGS} circle", False, "malformed"),
+    "15 seg tokens": (f"{BOX}{SEGS[:-8]} circle", True, "malformed"),
+    "no seg tokens in a segment answer": (f"{BOX} circle", True, "malformed"),
+    "a box that ends before it starts": ("<loc0300><loc0200><loc0100><loc0400> circle", False, "malformed"),
+    "text after a label": (f"{BOX} circle is round", False, "labels_not_in_prompt"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED, ids=list(MALFORMED))
+def test_refuses_malformed_answers(case, tokens, mqa_checkpoint):
+    answer, segment, problem = MALFORMED[case]
+    tokenizer = Processor.from_pretrained(mqa_checkpoint).tokenizer
+    assert walk(AnswerGrammar(NAMES, segment, tokens), tokenizer.encode(answer) + [tokenizer.eos_id]) is not None
+    assert answer_problems(answer, ("segment " if segment else "detect ") + " ; ".join(NAMES))[problem] == 1
+
+
+def test_a_repeated_object_ends_the_answer(tokens, mqa_checkpoint):
+    tokenizer = Processor.from_pretrained(mqa_checkpoint).tokenizer
+    near = "<loc0101><loc0200><loc0300><loc0401>"  # IoU 0.99 with BOX
+    answer = f"{BOX} circle ; <loc0500><loc0500><loc0600><loc0600> circle ; {near} circle ; {BOX} square"
+    ids = tokenizer.encode(answer)
+    grammar = AnswerGrammar(NAMES, False, tokens)
+    first = ids.index(tokenizer.encode("<loc0101>")[0])
+    end_of_name = first + 4 + len(tokenizer.encode(" circle ; "))
+    assert walk(grammar, ids[:end_of_name]) is None
+    assert [list(np.atleast_1d(a)) for a in grammar.allowed(100)] == [[tokenizer.eos_id]]  # only <eos> now
+    constraint = AnswerConstraint(["detect circle ; square"], tokens, 10)
+    constraint.rows[0] = grammar
+    kept = constraint.answer(0, ids[:end_of_name], tokenizer.decode)
+    assert kept == answer.split(" ; <loc0101>")[0]  # the two objects before, without the " ; "
+    assert answer_problems(answer, "detect circle ; square")["repeated_objects"] == 1
+    assert answer_problems(answer, "detect circle ; square")["labels_not_in_prompt"] == 0
+
+
+def test_the_token_limit_is_never_cut_mid_object(tokens, mqa_checkpoint):
+    """With few tokens left, no object is begun that could not end before the limit."""
+    tokenizer = Processor.from_pretrained(mqa_checkpoint).tokenizer
+    grammar = AnswerGrammar(["circle"], False, tokens)
+    need = 4 + len(tokenizer.encode(" circle")) + 1
+    assert [list(np.atleast_1d(a)) for a in grammar.allowed(need - 1)] == [[tokenizer.eos_id]]
+    assert len(np.concatenate([np.atleast_1d(a) for a in grammar.allowed(need)])) == 1 + 1023
+
+
+def test_constrained_generation_is_always_parseable(mqa_checkpoint, tokens):
+    """A random model, greedy: free answers are mostly malformed; constrained ones never are, in a batch of
+    rows with prompts of their own (and a caption prompt, which stays free)."""
+    model, processor = PaliGemma.from_pretrained(mqa_checkpoint), Processor.from_pretrained(mqa_checkpoint)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)) for _ in range(6)]
+    prefixes = ["detect circle ; square", "segment circle", "detect red triangle", "caption en",
+                "detect square", "segment square ; circle"]
+    batch = processor(images, prefixes)
+    args = (batch["input_ids"], batch["pixel_values"], batch["attention_mask"])
+    free = model.generate(*args, max_new_tokens=60)
+    grammar = AnswerConstraint(prefixes, tokens, model.config.text_config.vocab_size)
+    constrained = model.generate(*args, max_new_tokens=60, constrain=grammar)
+    problems = {"free": 0, "constrained": 0}
+    for name, new in (("free", free), ("constrained", constrained)):
+        for i, (prefix, ids) in enumerate(zip(prefixes, new.tolist())):
+            if prefix.startswith(("detect", "segment")):
+                answer = grammar.answer(i, ids, processor.decode) if name == "constrained" else processor.decode(ids)
+                problems[name] += sum(answer_problems(answer, prefix).values())
+    print(f"problems in 5 detect/segment answers of a random model: free {problems['free']}, "
+          f"constrained {problems['constrained']}")
+    assert problems["constrained"] == 0 < problems["free"]
+    assert torch.equal(constrained[3], free[3][:len(constrained[3])]) or constrained.shape[1] < free.shape[1]
+
+
+def test_shuffled_objects_resume_bit_for_bit(run_train, mqa_checkpoint, tmp_path, monkeypatch):
+    from data import Draws
+    example = dict(image="x.png", prefix="detect a ; b", suffix=f"{BOX} a ; {BOX} b ; {BOX} a")
+    draws = Draws([example], shuffle_seed=0)
+    orders = {draws[(0, epoch)]["suffix"] for epoch in range(8)}
+    assert len(orders) > 1 and draws[(0, 3)] == draws[(0, 3)]
+    assert Draws([example])[(0, 5)] == example  # not shuffling: as written
+    args = ["--steps", "6", "--lr", "1e-2", "--eval-every", "0", "--shuffle-objects"]
+    straight = run_train(tmp_path / "straight", *args)
+    stopped_then_resumed(run_train, monkeypatch, tmp_path / "resumed", *args, step=3)
+    a, b = (PaliGemma.from_pretrained(f).state_dict() for f in (straight, tmp_path / "resumed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_evaluation_picture(run_train, tmp_path, capsys):
+    out = run_train(tmp_path / "o", "--steps", "1", "--eval-every", "1")
+    assert f"picture: {out / 'eval' / 'step-1.jpg'}" in capsys.readouterr().out
+    with Image.open(out / "eval" / "step-1.jpg") as picture:
+        assert picture.format == "JPEG" and picture.width == 4 * 512  # 8 validation examples, 4 a row
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"malformed_answers", "labels_not_in_prompt", "repeated_objects_cut"} <= metrics[-1].keys()
+    # Boxes change the pixels where they are drawn, a target's dashed outline too (white, thin).
+    grey = Image.new("RGB", (100, 100), (128, 128, 128))
+    drawn = np.asarray(evaluation_picture([(grey, "detect circle", "<loc0100><loc0100><loc0500><loc0500> circle",
+                                            "<loc0600><loc0600><loc0900><loc0900> circle")])).astype(int)
+    scale = 512 / 100  # the tile's pixels per pixel of the image
+    top, left, right = (round(v / 1024 * 100 * scale) for v in (100, 100, 500))
+    edge = drawn[top - 2:top + 3, left + 10:right - 10]
+    assert (np.abs(edge - 128).sum(-1) > 100).any(0).all()  # the predicted box's top edge, in colour, all along
+    top, left, right = (round(v / 1024 * 100 * scale) for v in (600, 600, 900))
+    edge = drawn[top - 2:top + 3, left + 10:right - 10]
+    white, grey = (edge > 200).all(-1).any(0), (np.abs(edge - 128).sum(-1) < 30).all(0)
+    assert white.sum() > 0.3 * len(white) and grey.sum() > 0.2 * len(grey)  # the target's: white dashes, gaps
