@@ -2,23 +2,27 @@
 
     python train.py --data dataset/_annotations.train.jsonl --out ckpt/
     python train.py --data dataset/_annotations.train.jsonl --out ckpt/ --trainable lora      # PEFT adapters
+    python train.py --data dataset/_annotations.train.jsonl --out ckpt/ --trainable lora --quantize nf4  # QLoRA
     torchrun --nproc_per_node=4 train.py --data train.jsonl --out ckpt/      # data-parallel, 4 GPUs
     torchrun --nproc_per_node=8 train.py --data train.jsonl --out ckpt/ --fsdp   # sharded, for 10B / 28B
 
 The loss is the mean next-token cross-entropy over the suffix and <eos> tokens of the batch, with the
 output head applied only at those positions. Trainable weights (or LoRA adapters, lora.py) are kept in
-float32 and the frozen ones in the compute dtype, with autocast (and loss scaling in float16, for GPUs
-without bfloat16). Evaluation scores greedy answers (metrics.py): exact match, COCO box mAP for detect
-and segment prompts, mask IoU for segment prompts with a VQ-VAE.
+float32 and the frozen ones in the compute dtype (or in 4 bits with --quantize nf4, nf4.py), with autocast
+(and loss scaling in float16, for GPUs without bfloat16). Evaluation scores greedy answers (metrics.py):
+exact match, COCO box mAP for detect and segment prompts, mask IoU for segment prompts with a VQ-VAE;
+detect and segment answers are generated under their grammar (detections.AnswerConstraint). What a run
+reports (progress, metrics.jsonl, TensorBoard, W&B, the model card) is report.py's.
 
 Nothing is lost: bad data and options are refused before training starts (data.py); --out receives
 crash-consistent checkpoints in the official layout or PEFT's (checkpoint.py), never over its source
-model nor over an earlier run unless --resume or --overwrite says so; Ctrl-C or SIGTERM saves at the
-end of the current step and exits with 130 / 143, and a second Ctrl-C stops at once; a non-finite loss
-stops before anything is written.
+model nor over an earlier run unless --resume or --overwrite says so; Ctrl-C, SIGTERM or SIGHUP saves at
+the end of the current step and exits with 130 / 143 / 129, and a second Ctrl-C stops at once (run.py);
+a non-finite loss stops before anything is written.
 
-The file reads as the script runs: the model and its loss, evaluation, the options, the steps of a run
-(setup, the model, resume), the training step, then `main`.
+The file reads as the script runs: the model and its loss, evaluation, the options, the pieces of a run
+(the model, the data, the optimizer resumed), the training step, then the run itself: prepare, build,
+train, finish, and `main`, which calls them in that order.
 
 What it is not: a general trainer. One dataset at a time, AdamW or SGD, a cosine schedule.
 """
@@ -385,20 +389,6 @@ class Loop:
     steps: int
 
 
-def main(argv=None):
-    args, given = parse_args(argv)
-    try:
-        run, val_file, saved = prepare(args, given)
-        with lock_out_folder(args.out) if run.rank == 0 else contextlib.nullcontext():  # held until training ends
-            loop = build(args, given, run, val_file, saved)
-            train(args, run, loop)
-            finish(args, run, loop)
-    except KeyboardInterrupt:  # before the signal handlers are in place: the data check, loading
-        print(f"{Path(sys.argv[0]).name}: stopped (Ctrl-C) before training began; no checkpoint was written",
-              file=sys.stderr, flush=True)
-        sys.exit(130)
-
-
 def prepare(args, given: set[str]) -> tuple[Run, Path | None, tuple[dict, str] | None]:
     """Before anything is loaded: the optional packages asked for, --out, the hub, and the train state to
     resume (its options taken back into args); then the device and the processes."""
@@ -518,6 +508,20 @@ def finish(args, run: Run, loop: Loop):
         # destructor joins its threads while holding the GIL they may need, and the process hangs at exit
         loop.loss_model = None
         dist.destroy_process_group()
+
+
+def main(argv=None):
+    args, given = parse_args(argv)
+    try:
+        run, val_file, saved = prepare(args, given)
+        with lock_out_folder(args.out) if run.rank == 0 else contextlib.nullcontext():  # held until training ends
+            loop = build(args, given, run, val_file, saved)
+            train(args, run, loop)
+            finish(args, run, loop)
+    except KeyboardInterrupt:  # before the signal handlers are in place: the data check, loading
+        print(f"{Path(sys.argv[0]).name}: stopped (Ctrl-C) before training began; no checkpoint was written",
+              file=sys.stderr, flush=True)
+        sys.exit(130)
 
 
 if __name__ == "__main__":
