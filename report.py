@@ -254,8 +254,10 @@ UPLOADED = ("*.safetensors", "*.json", "tokenizer.model", "README.md", "metrics.
 def check_hub(repo_id: str):
     """Before training: the repo id's form, and a token to upload with (the hub itself is asked at the end)."""
     hub = require("huggingface_hub", "--push-to-hub", "huggingface-hub")
+    from huggingface_hub.utils import validate_repo_id  # a submodule: not an attribute until it is imported
+
     try:
-        hub.utils.validate_repo_id(repo_id)
+        validate_repo_id(repo_id)
     except Exception as e:
         fail(f"--push-to-hub {repo_id!r}: not a repo id of the form owner/name ({e})")
     if "/" not in repo_id or hub.get_token() is None:

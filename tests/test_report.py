@@ -3,8 +3,11 @@
 
 import glob
 import json
+import os
 import struct
+import subprocess
 import sys
+from pathlib import Path
 
 import huggingface_hub
 import peft
@@ -17,6 +20,8 @@ from wandb.proto import wandb_internal_pb2
 
 import report
 from conftest import hf_model
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def one_line_error(capsys, run) -> str:
@@ -158,6 +163,15 @@ def test_what_is_refused_before_training(run_train, tmp_path, capsys, monkeypatc
         monkeypatch.setitem(sys.modules, module, None)
         assert package in one_line_error(capsys, lambda: run_train(tmp_path / "o", *option))
     assert not (tmp_path / "o").exists()  # nothing was written
+
+
+def test_the_hub_check_in_a_fresh_process(tmp_path):
+    """check_hub as train.py meets it, in a process where nothing imported huggingface_hub's submodules."""
+    env = dict(os.environ, HF_TOKEN="hf_test", HF_HUB_OFFLINE="1")
+    for repo_id, code, expected in (("me/tiny-ft", 0, ""), ("not a repo", 2, "not a repo id of the form owner/name")):
+        done = subprocess.run([sys.executable, "-c", f"import report; report.check_hub({repo_id!r})"], cwd=ROOT,
+                              env=env, capture_output=True, text=True)
+        assert done.returncode == code and expected in done.stderr and "Traceback" not in done.stderr, done.stderr
 
 
 def test_a_cut_metrics_line_is_dropped_on_resume(run_train, tmp_path, capsys):
