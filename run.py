@@ -5,6 +5,7 @@ memory they hold.
                       and LOCAL_RANK), the signals received; all_reduce, barrier: no-ops in one process
     setup             the process group (NCCL on GPUs, gloo on the CPU), one GPU per process
     shard             --fsdp: FSDP2 units of each SigLIP and Gemma layer, then the root
+    training_module   the step's module: decoder layers recomputed in backward, DDP, torch.compile, as asked
     stop_on_signals   Ctrl-C, SIGTERM, SIGHUP: recorded, so that the loop saves at the end of the step and stops
     evaluate_together, save_together, check_images
                       what the processes do at a step in step with each other (under --fsdp all of them)
@@ -14,6 +15,7 @@ What it is not: the training loop (train.py).
 """
 
 import contextlib
+import functools
 import os
 import signal
 import sys
@@ -22,9 +24,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
 
 from checkpoint import save_checkpoint
 from cli import device_and_dtype, fail, log
@@ -100,6 +104,17 @@ def stop_now(run: Run, step: int, checkpoint=None):
         checkpoint(step)
     log(f"stopped at step {step}; continue with --resume")
     sys.exit(128 + run.stopped())
+
+
+def training_module(root: nn.Module, grad_checkpointing: bool, ddp: bool, compile: bool) -> nn.Module:
+    """The module the training step calls, around `root` (train.SuffixLossSum: the model and its loss): with
+    activation checkpointing, data parallelism (DDP; --fsdp has sharded the root already) and compilation
+    as asked."""
+    if grad_checkpointing:  # recompute each decoder layer's activations in backward
+        for layer in root.model.language_model.layers:
+            layer.forward = functools.partial(torch.utils.checkpoint.checkpoint, layer.forward, use_reentrant=False)
+    module = DistributedDataParallel(root) if ddp else root
+    return torch.compile(module) if compile else module
 
 
 def evaluate_together(run: Run, step: int, score, root, sharded: bool, reporter, vae=None) -> str | None:

@@ -39,7 +39,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from checkpoint import (check_out_folder, check_resume, load_optimizer_state, lock_out_folder, prepare_out_folder,
                         read_train_state, resume_options, run_options, save_merged, starting_point)
@@ -52,7 +51,7 @@ from paligemma import PaliGemma
 from processor import MAX_PIXELS, Processor, load_image
 from report import Progress, Reporter, card_of, check_hub, push, require
 from run import (Run, check_images, evaluate_together, log_memory, memory_is_enough, save_together, setup, shard,
-                 stop_now, stop_on_signals)
+                 stop_now, stop_on_signals, training_module)
 from vqvae import VQVAE
 
 TRAINABLE = {  # --trainable: which parameters learn
@@ -320,16 +319,6 @@ def optimizer_and_resume(args, run: Run, model, params, steps: int, saved: tuple
     log(f"resumed from {args.out} at step {state['step']}")
     return optimizer, scaler, dict(step=state["step"], file=state_file, wandb_id=state.get("wandb_id"),
                                    optimizer=state["optimizer"] if args.fsdp else None)
-
-
-def training_module(root: SuffixLossSum, grad_checkpointing: bool, ddp: bool, compile: bool) -> nn.Module:
-    """The module the training step calls: with activation checkpointing, data parallelism (DDP; --fsdp
-    has sharded the root already) and compilation as asked."""
-    if grad_checkpointing:  # recompute each decoder layer's activations in backward
-        for layer in root.model.language_model.layers:
-            layer.forward = functools.partial(torch.utils.checkpoint.checkpoint, layer.forward, use_reentrant=False)
-    module = DistributedDataParallel(root) if ddp else root
-    return torch.compile(module) if compile else module
 
 
 # ----------------------------------------------------------------------------------------------
