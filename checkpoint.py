@@ -255,7 +255,6 @@ def resume_options(args, given: set[str], saved: dict, out: Path):
             log(f"--resume: --{name.replace('_', '-')} {show(now)} from here on (the run had {show(saved[name])})")
 
 
-
 def starting_point(out: Path, model: str, resume: bool, lora: bool, model_given: bool) -> tuple[Path, str | None]:
     """The folder whose weights and tokenizer a run starts from: `model` (a folder, or a hub id downloaded),
     or on resume the run in `out`; with LoRA, always the base model, whose name the adapter records

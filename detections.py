@@ -244,6 +244,11 @@ class AnswerConstraint:
                 self.mask[i] = True
         return self.mask
 
+    @classmethod
+    def for_prompts(cls, prefixes: list[str], tokens: AnswerTokens, vocab_size: int, max_iou: float = 0.9):
+        """The constraint of a batch, or None (generation runs free) when it holds no detect or segment prompt."""
+        return cls(prefixes, tokens, vocab_size, max_iou) if any(prompt_names(p) for p in prefixes) else None
+
     def answer(self, i: int, ids: list[int], decode) -> str:
         """Row i's answer as text (`decode(ids)`), without the repeated object that ended it, if one did, nor
         the " ; " before it."""

@@ -221,9 +221,8 @@ def main(argv=None):
     model, processor = load(args, device, dtype)
 
     batch = {k: v.to(device) for k, v in processor(images, prompts).items()}
-    grammar = None if args.no_constrain or not any(prompt_names(p) for p in prompts) else \
-        AnswerConstraint(prompts, AnswerTokens(processor.tokenizer), model.config.text_config.vocab_size,
-                         args.repeat_iou)
+    grammar = None if args.no_constrain else AnswerConstraint.for_prompts(
+        prompts, AnswerTokens(processor.tokenizer), model.config.text_config.vocab_size, args.repeat_iou)
     start = time.perf_counter()
     try:
         new = model.generate(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],

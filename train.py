@@ -44,7 +44,7 @@ from checkpoint import (check_out_folder, check_resume, load_optimizer_state, lo
                         read_train_state, resume_options, run_options, save_merged, starting_point)
 from cli import DefaultsFormatter, add_device_options, fail, log, number, parse_given
 from data import Draws, batches_until_closed, default_val_file, micro_batches, read_datasets, training_loader
-from detections import AnswerConstraint, AnswerTokens, prompt_names
+from detections import AnswerConstraint, AnswerTokens
 from lora import ATTENTION, MLP, add_lora, load_adapter
 from metrics import score_answers
 from paligemma import PaliGemma
@@ -118,8 +118,8 @@ def evaluate(model: PaliGemma, processor: Processor, examples: list[dict], batch
         pixels = {"pixel_values": processor.pixels(images).to(device)}  # one image preprocessing for both
         batch = {k: v.to(device) for k, v in processor.tokens(prefixes, [e["suffix"] for e in chunk], max_len).items()}
         prompts = {k: v.to(device) for k, v in processor.tokens(prefixes).items()}  # what the model answers
-        grammar = AnswerConstraint(prefixes, tokens, model.config.text_config.vocab_size, repeat_iou) \
-            if constrain and any(prompt_names(p) for p in prefixes) else None
+        grammar = AnswerConstraint.for_prompts(prefixes, tokens, model.config.text_config.vocab_size, repeat_iou) \
+            if constrain else None
         with autocast:
             loss_sum += SuffixLossSum(model)(**batch, **pixels).item()
             new = model.generate(prompts["input_ids"], pixels["pixel_values"], prompts["attention_mask"],
