@@ -58,7 +58,9 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
-        update = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))  # in the adapters' dtype
+        if not torch.is_autocast_enabled(x.device.type):  # in the adapters' dtype; under autocast, in its dtype:
+            x = x.to(self.lora_A.weight.dtype)  # a cast there would keep one more copy of x for backward per layer
+        update = self.lora_B(self.lora_A(self.dropout(x)))
         return (y + update * self.scale).to(y.dtype)
 
 
