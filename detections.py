@@ -251,8 +251,13 @@ class AnswerConstraint:
 
     def answer(self, i: int, ids: list[int], decode) -> str:
         """Row i's answer as text (`decode(ids)`), without the repeated object that ended it, if one did, nor
-        the " ; " before it."""
+        the " ; " before it. Generation stops after the batch's last token without passing it to the
+        constraint: it is read here, so that a repeated object that <eos> ends is found too."""
         row = self.rows[i]
+        for token in ids[row.n:] if row is not None else []:
+            if row.phase == "done":
+                break
+            row.advance(token)
         if row is None or row.cut is None:
             return decode(ids)
         return decode(ids[:row.cut]).rstrip().removesuffix(";").rstrip()

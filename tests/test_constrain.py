@@ -14,7 +14,7 @@ from conftest import stopped_then_resumed
 from detections import (AnswerConstraint, AnswerGrammar, AnswerTokens, answer_problems, loc_tokens, parse_detections,
                         segment_tokens)
 from infer import evaluation_picture
-from paligemma import PaliGemma
+from paligemma import PaliGemma, read_config
 from processor import Processor
 from vqvae import VQVAE
 
@@ -104,6 +104,22 @@ def test_a_repeated_object_ends_the_answer(tokens, mqa_checkpoint):
     assert kept == answer.split(" ; <loc0101>")[0]  # the two objects before, without the " ; "
     assert answer_problems(answer, "detect circle ; square")["repeated_objects"] == 1
     assert answer_problems(answer, "detect circle ; square")["labels_not_in_prompt"] == 0
+
+
+def test_a_repeated_last_object_is_cut_when_generation_stops_at_its_eos(tokens, mqa_checkpoint):
+    """generate shows each token to the constraint at the next step, so the batch's last <eos> is never shown:
+    answer() reads it, and the object it ends, repeated, is cut."""
+    tokenizer = Processor.from_pretrained(mqa_checkpoint).tokenizer
+    ids = tokenizer.encode(f"{BOX} circle ; <loc0101><loc0200><loc0300><loc0401> circle") + [tokenizer.eos_id]
+    constraint = AnswerConstraint(["detect circle ; square"], tokens, read_config(mqa_checkpoint / "config.json")
+                                  .text_config.vocab_size)
+    previous = None
+    for k, token in enumerate(ids):  # as generate calls it
+        assert constraint(previous, 100 - k)[0, token]
+        previous = torch.tensor([token])
+    assert constraint.rows[0].phase == "label"  # <eos> not yet seen
+    assert constraint.answer(0, ids, tokenizer.decode) == f"{BOX} circle"
+    assert constraint.rows[0].cut is not None
 
 
 def test_the_token_limit_is_never_cut_mid_object(tokens, mqa_checkpoint):
