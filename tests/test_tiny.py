@@ -37,6 +37,18 @@ def test_every_drawn_pixel_lies_in_its_box():
             assert len(xs) and x1 <= xs.min() and xs.max() < x2 and y1 <= ys.min() and ys.max() < y2
 
 
+def test_crowded_scenes_hold_more_shapes_apart():
+    """--max-shapes 10: scenes of up to 10 shapes (as many as fit), none touching another."""
+    rng = np.random.default_rng(0)
+    scenes = [shapes.random_scene(rng, most=10) for _ in range(100)]
+    assert max(len(scene) for scene in scenes) > 6 and all(1 <= len(scene) <= 10 for scene in scenes)
+    for scene in scenes:
+        for i, a in enumerate(scene):
+            for b in scene[i + 1:]:
+                (ax1, ay1, ax2, ay2), (bx1, by1, bx2, by2) = a["box"], b["box"]
+                assert ax2 < bx1 or bx2 < ax1 or ay2 < by1 or by2 < ay1
+
+
 def test_detect_suffix_parses_back_to_the_boxes():
     from detections import parse_detections
 

@@ -2,8 +2,8 @@
 
     python -m tiny.shapes --out data/shapes --tasks caption,colour,shape,detect --train 6000 --valid 200
 
-Each 112x112 image holds one to three non-overlapping shapes (circle, square, triangle; `--shapes` can
-add star) in one of five colours, of random sizes and positions, on a noisy grey background. Each
+Each 112x112 image holds one to three non-overlapping shapes (`--max-shapes` allows more: a crowded
+scene holds as many as fit; circle, square, triangle; `--shapes` can add star) in one of five colours, of random sizes and positions, on a noisy grey background. Each
 example asks one question about it, in a task PaliGemma knows:
 
     caption   "caption en"                              -> "2 shapes: a red circle and a blue square"
@@ -41,10 +41,11 @@ TASKS = ("caption", "colour", "shape", "count", "detect")
 ALL_SHAPES_PROMPT = "detect " + " ; ".join(SHAPES)
 
 
-def random_scene(rng: np.random.Generator, shapes=SHAPES) -> list[dict]:
-    """1 to 3 shapes, each {"shape", "colour", "box": (x1, y1, x2, y2) in pixels}, not overlapping."""
+def random_scene(rng: np.random.Generator, shapes=SHAPES, most: int = 3) -> list[dict]:
+    """1 to `most` shapes (fewer where no free place is found), each {"shape", "colour", "box": (x1, y1, x2, y2)
+    in pixels}, not overlapping."""
     scene = []
-    for _ in range(int(rng.integers(1, 4))):
+    for _ in range(int(rng.integers(1, most + 1))):
         for _attempt in range(100):
             side = int(rng.integers(22, 46))
             x1, y1 = (int(v) for v in rng.integers(2, SIZE - side - 2, size=2))
@@ -113,12 +114,12 @@ def ask(scene: list[dict], task: str, rng: np.random.Generator, detect=None) -> 
     return prefix, " ; ".join(f"{loc_tokens(s['box'], SIZE, SIZE)} {s['shape']}" for s in found)
 
 
-def write_split(out: Path, split: str, n: int, tasks: list[str], seed: int, shapes=SHAPES, detect=None):
+def write_split(out: Path, split: str, n: int, tasks: list[str], seed: int, shapes=SHAPES, detect=None, most=3):
     rng = np.random.default_rng([seed, ("train", "valid").index(split)])
     (out / "images").mkdir(parents=True, exist_ok=True)
     lines = []
     while len(lines) < n:
-        scene = random_scene(rng, shapes)
+        scene = random_scene(rng, shapes, most)
         qa = ask(scene, tasks[int(rng.integers(len(tasks)))], rng, detect)
         if qa is None:
             continue
@@ -128,7 +129,7 @@ def write_split(out: Path, split: str, n: int, tasks: list[str], seed: int, shap
     (out / f"_annotations.{split}.jsonl").write_text("\n".join(lines) + "\n")
 
 
-def write_coco(out: Path, split: str, n: int, seed: int, shapes=SHAPES):
+def write_coco(out: Path, split: str, n: int, seed: int, shapes=SHAPES, most=3):
     """n scenes as Roboflow's "COCO Segmentation" export lays them out: OUT/SPLIT/ with the images and
     _annotations.coco.json, each shape an instance with its box and polygon."""
     rng = np.random.default_rng([seed, ("train", "valid").index(split), 1])
@@ -138,7 +139,7 @@ def write_coco(out: Path, split: str, n: int, seed: int, shapes=SHAPES):
     categories += [dict(id=i + 1, name=shape, supercategory="shapes") for i, shape in enumerate(shapes)]
     images, annotations = [], []
     for i in range(n):
-        scene = random_scene(rng, shapes)
+        scene = random_scene(rng, shapes, most)
         name = f"{split}-{i:05d}.jpg"
         draw(scene, rng).save(folder / name, quality=92)
         images.append(dict(id=i, file_name=name, width=SIZE, height=SIZE))
@@ -158,6 +159,8 @@ def main(argv=None):
                    help=f"comma-separated, of {', '.join(TASKS)}; a task named twice is asked twice as often")
     p.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated, of circle, square, triangle, star")
     p.add_argument("--detect", default=None, help="the one shape that detect questions ask about")
+    p.add_argument("--max-shapes", type=number(int, 1), default=3,
+                   help="the most shapes a scene holds (as many as fit, each 22 to 45 pixels wide)")
     p.add_argument("--train", type=number(int, 0), default=1000, help="training examples")
     p.add_argument("--valid", type=number(int, 0), default=100, help="validation examples")
     p.add_argument("--seed", type=int, default=0)
@@ -178,9 +181,9 @@ def main(argv=None):
         p.error(f"--detect {args.detect}: not among --shapes {args.shapes}")
     for split, n in (("train", args.train), ("valid", args.valid)):
         if args.coco:
-            write_coco(args.out, split, n, args.seed, shapes)
+            write_coco(args.out, split, n, args.seed, shapes, args.max_shapes)
         else:
-            write_split(args.out, split, n, tasks, args.seed, shapes, args.detect)
+            write_split(args.out, split, n, tasks, args.seed, shapes, args.detect, args.max_shapes)
     what = "COCO segmentation export" if args.coco else ", ".join(tasks)
     print(f"{args.out}: {args.train} training and {args.valid} validation images ({what})")
 
