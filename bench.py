@@ -1,9 +1,10 @@
 """Speed and memory of nanoPaliGemma next to transformers' PaliGemma, on the same random weights.
 
     python bench.py                          # CPU, float32: paligemma-3b-pt-224's widths, 2 layers per tower
-    python bench.py --preset tiny            # a few million parameters, where per-step overhead dominates
+    python bench.py --preset tiny            # a few million parameters, where per-step overhead dominates;
+                                             # and the detect grammar's cost on tiny/paligemma-tiny
     python bench.py --preset full            # the whole paligemma-3b-pt-224 in bfloat16: on a CPU, its training
-                                             # steps' peak memory (attention-only, LoRA, QLoRA; ~30 min, 21 GiB)
+                                             # steps' peak memory (attention-only, LoRA, QLoRA; 41 min, 21 GiB)
     python bench.py --preset full --compile  # a GPU: also decoding, and the training step's FLOPs utilisation
 
 Both models load the same safetensors (a random transformers PaliGemma saved in a temporary folder;
@@ -22,14 +23,18 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import peft
 import torch
 import transformers
 
+from detections import AnswerConstraint, AnswerTokens
 from gemma import GemmaConfig
 from lora import ATTENTION, add_lora
 from paligemma import PaliGemma, PaliGemmaConfig
+from processor import Processor
 from run import training_module
+from tiny import shapes
 from train import TRAINABLE, SuffixLossSum, count_targets  # the training loss and trainable parts, as train.py has them
 
 REAL_TEXT = dict(hidden_size=2048, intermediate_size=16384, num_attention_heads=8, num_key_value_heads=1, head_dim=256)
@@ -43,6 +48,7 @@ PRESETS = {  # (text config, vision config, vocabulary)
     "cpu": (REAL_TEXT | dict(num_hidden_layers=2), REAL_VISION | dict(num_hidden_layers=2), 257216),
     "full": (REAL_TEXT | dict(num_hidden_layers=18), REAL_VISION | dict(num_hidden_layers=27), 257216),
 }
+TINY = Path(__file__).resolve().parent / "tiny" / "paligemma-tiny"  # the grammar's cost is measured on it
 # text tokens in the prompt (with <bos> and "\n"), in a training suffix; tokens decoded
 PROMPT, SUFFIX, NEW_TOKENS = 10, 16, 64
 
@@ -354,6 +360,32 @@ def full_training_table(folder: Path, device, dtype, batch_size: int):
             print(f"{label:52} {m1:8.2f} {m2:8.2f} {m1 / m2:6.2f}x {s1:8.1f} {s2:9.1f} {s1 / s2:6.2f}x", flush=True)
 
 
+def grammar_cost(device, repeat: int):
+    """The detect grammar's cost (detections.AnswerConstraint, which generation applies to detect and segment
+    prompts): greedy answers of tiny/paligemma-tiny to "detect circle ; square ; triangle" about scenes of
+    tiny/shapes.py, with and without it, in turns; generated tokens/s at batch 1 and 8, prefill included."""
+    model = PaliGemma.from_pretrained(TINY, device=device)
+    processor = Processor.from_pretrained(TINY)
+    tokens, rng = AnswerTokens(processor.tokenizer), np.random.default_rng(0)
+    images = [shapes.draw(shapes.random_scene(rng), rng) for _ in range(8)]
+    print(f"\n{TINY.name}: \"{shapes.ALL_SHAPES_PROMPT}\", up to {NEW_TOKENS} new tokens, medians of {repeat}; "
+          f"generated tokens/s, prefill included")
+    for b in (1, 8):
+        prompts = [shapes.ALL_SHAPES_PROMPT] * b
+        batch = {k: v.to(device) for k, v in processor(images[:b], prompts).items()}
+        generated = {}
+
+        def answer(constrained: bool):
+            grammar = AnswerConstraint(prompts, tokens, model.config.text_config.vocab_size) if constrained else None
+            new = model.generate(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
+                                 max_new_tokens=NEW_TOKENS, constrain=grammar)
+            generated[constrained] = int((new != processor.tokenizer.pad_id).sum())
+        t = alternate({c: lambda c=c: answer(c) for c in (True, False)}, repeat, device)
+        rate = {c: generated[c] / t[c] for c in t}
+        print(f"batch {b}: {rate[True]:8.1f} with the grammar ({generated[True]} tokens), {rate[False]:8.1f} without "
+              f"({generated[False]} tokens): {rate[False] / rate[True] - 1:+.1%} time per token")
+
+
 def decoding_limit(config, dtype, bandwidth: float) -> tuple[float, int]:
     """The memory-bandwidth limit of decoding at batch 1 (tokens/s): every decoder weight and the output head
     read once per token; and the decoder's parameters."""
@@ -411,6 +443,8 @@ def main():
         n_lora = sum(full.get_parameter(name).numel() for name in add_lora(full, rank=8, alpha=16))
         print(f"paligemma-3b-pt-224 with LoRA r=8 on q/k/v/o: {n_lora:,} trainable parameters, adapter file "
               f"{n_lora * 4 / 2**20:.1f} MiB (float32); the model has {n_base:,}")
+        if preset == "tiny":
+            grammar_cost(device, args.repeat)
         if device.type == "cuda":
             n_image = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
             tokens = 8 * (n_image + PROMPT + SUFFIX)

@@ -13,6 +13,6 @@ def test_bench_tiny_runs():
     assert r.returncode == 0, r.stderr[-3000:]
     for row in ("load (s)", "prefill, batch 8", "generate 64 tokens, batch 1", "its decoding steps alone",
                 "attention-only train step", "LoRA r=8 q/k/v/o train step", "peak RSS", "limit",
-                "trainable parameters: attention only 655,360, LoRA 53,248",
+                "trainable parameters: attention only 655,360, LoRA 53,248", "with the grammar",
                 "paligemma-3b-pt-224 with LoRA r=8 on q/k/v/o: 1,843,200 trainable parameters, adapter file 7.0 MiB"):
         assert row in r.stdout, row
