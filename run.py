@@ -7,6 +7,7 @@ memory they hold.
     shard             --fsdp: FSDP2 units of each SigLIP and Gemma layer, then the root
     training_module   the step's module: decoder layers recomputed in backward, DDP, torch.compile, as asked
     stop_on_signals   Ctrl-C, SIGTERM, SIGHUP: recorded, so that the loop saves at the end of the step and stops
+    leave             the end of a process (under torchrun: without Python's teardown, which can abort it)
     evaluate_together, save_together, check_images
                       what the processes do at a step in step with each other (under --fsdp all of them)
     memory_is_enough  out of memory as one line that says what to lower
@@ -103,7 +104,21 @@ def stop_now(run: Run, step: int, checkpoint=None):
     if checkpoint:
         checkpoint(step)
     log(f"stopped at step {step}; continue with --resume")
-    sys.exit(128 + run.stopped())
+    leave(128 + run.stopped())
+
+
+def leave(code: int):
+    """Ends the process with `code`. Under torchrun, the process group is destroyed and the process exits
+    without Python's teardown: FSDP2's device mesh stays cached inside torch.distributed.tensor (and DDP's
+    Reducer holds the group), so gloo's threads would still be running while the interpreter and its C++
+    objects are torn down, which now and then aborts the process (SIGABRT, "terminate called without an
+    active exception") or hangs it. All is written by then; the kernel releases the out folder's lock."""
+    if not dist.is_initialized():
+        sys.exit(code)
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def training_module(root: nn.Module, grad_checkpointing: bool, ddp: bool, compile: bool) -> nn.Module:

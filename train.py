@@ -50,8 +50,8 @@ from metrics import score_answers
 from paligemma import PaliGemma
 from processor import MAX_PIXELS, Processor, load_image
 from report import Progress, Reporter, card_of, check_hub, push, require
-from run import (Run, check_images, evaluate_together, log_memory, memory_is_enough, save_together, setup, shard,
-                 stop_now, stop_on_signals, training_module)
+from run import (Run, check_images, evaluate_together, leave, log_memory, memory_is_enough, save_together, setup,
+                 shard, stop_now, stop_on_signals, training_module)
 from vqvae import VQVAE
 
 TRAINABLE = {  # --trainable: which parameters learn
@@ -493,10 +493,7 @@ def finish(args, run: Run, loop: Loop):
     if loop.reporter:
         loop.reporter.close()
     if dist.is_initialized():
-        # DDP's Reducer must not hold the last reference to the process group: freed from it, gloo's
-        # destructor joins its threads while holding the GIL they may need, and the process hangs at exit
-        loop.loss_model = None
-        dist.destroy_process_group()
+        leave(0)  # under torchrun a process ends this way: run.leave says why
 
 
 def main(argv=None):

@@ -99,3 +99,25 @@ def test_fsdp_halves_memory_and_resumes(mqa_checkpoint, data, tmp_path, capsys):
         train_py.main(["--data", str(data), "--out", str(tmp_path / "resumed"), "--steps", "6", "--resume",
                        "--batch-size", "4"])
     assert "was trained with --fsdp True, not False" in capsys.readouterr().err
+
+
+AT_TEARDOWN = """import atexit, os, sys
+sys.path.insert(0, {root!r})
+import train
+tasks = lambda: sorted(open(f"/proc/self/task/{{t}}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+atexit.register(lambda: print("threads at Python's teardown:", tasks(), flush=True))
+train.main(sys.argv[1:])
+"""
+
+
+def test_ranks_end_before_pythons_teardown(mqa_checkpoint, data, tmp_path):
+    """FSDP2's device mesh stays cached inside torch.distributed.tensor with its process group, whose gloo threads
+    (pt_gloo_runloop) would still run while Python tears down: that aborted a rank now and then (SIGABRT,
+    "terminate called without an active exception"). A rank that trained and saved ends before its teardown."""
+    (tmp_path / "at_teardown.py").write_text(AT_TEARDOWN.format(root=str(ROOT)))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        str(tmp_path / "at_teardown.py"), "--fsdp", "--data", str(data), "--model", str(mqa_checkpoint),
+                        "--out", str(tmp_path / "o"), "--device", "cpu", "--steps", "1", "--batch-size", "2",
+                        "--eval-every", "0"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and f"saved {tmp_path / 'o'} at step 1" in r.stdout, r.stdout + r.stderr[-3000:]
+    assert "gloo" not in r.stdout, r.stdout
