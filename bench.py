@@ -31,11 +31,10 @@ import transformers
 from detections import AnswerConstraint, AnswerTokens
 from gemma import GemmaConfig
 from lora import ATTENTION, add_lora
-from paligemma import PaliGemma, PaliGemmaConfig
+from paligemma import TRAINABLE, PaliGemma, PaliGemmaConfig, SuffixLossSum, count_targets
 from processor import Processor
 from run import training_module
 from tiny import shapes
-from train import TRAINABLE, SuffixLossSum, count_targets  # the training loss and trainable parts, as train.py has them
 
 REAL_TEXT = dict(hidden_size=2048, intermediate_size=16384, num_attention_heads=8, num_key_value_heads=1, head_dim=256)
 REAL_VISION = dict(hidden_size=1152, intermediate_size=4304, num_attention_heads=16, patch_size=14, image_size=224)

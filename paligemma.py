@@ -15,9 +15,10 @@ This file holds what is PaliGemma-specific, the model first: the prefix-LM atten
 examples); sampling; the model itself (image features merged into the token embeddings, where image
 features are *not* scaled by sqrt(hidden) and text embeddings are; 1-based positions; generation,
 which encodes the image once, prefills the prompt into a KV-cache and then decodes one token per
-step); then, at the end, loading: config.json parsed and checked (a wrong field is an error that
-names it), where a checkpoint's tensors are and what they are called, and strict reading of the
-Hugging Face safetensors from a folder or a hub id.
+step); what fine-tuning trains and its loss, taken on the suffix tokens alone; then, at the end,
+loading: config.json parsed and checked (a wrong field is an error that names it), where a
+checkpoint's tensors are and what they are called, and strict reading of the Hugging Face
+safetensors from a folder or a hub id.
 
 What it is not: the tokenizer, the image preprocessing (processor.py) or the parsing of answers
 (detections.py), a training loop (train.py) or a command-line tool (infer.py). It imports torch and
@@ -279,6 +280,39 @@ class PaliGemma(nn.Module):
                 state[name] = tensor.to(device=device, dtype=dtype_of(name), copy=bool(quantized))
         model.load_state_dict(state, strict=True, assign=True)
         return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Fine-tuning: which weights learn, and the loss, taken on the suffix alone (the prefix is the prompt)
+
+TRAINABLE = {  # train.py --trainable: which parameters learn (LoRA's adapters are lora.py's)
+    "attn": lambda name: name.startswith("language_model.layers.") and ".self_attn." in name,  # q, k, v, o
+    "llm": lambda name: name.startswith("language_model."),
+    "all": lambda name: True,
+}
+
+
+class SuffixLossSum(nn.Module):
+    """PaliGemma and its training loss as one module, so that DDP and torch.compile see a single forward."""
+
+    def __init__(self, model: PaliGemma):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, pixel_values, attention_mask, token_type_ids, labels) -> torch.Tensor:
+        """The cross-entropy *summed* over the batch's target tokens (suffix and <eos>: the labels that are
+        not -100); divide by count_targets(labels), over all micro-batches and processes of a step, for
+        the mean."""
+        h = self.model.hidden_states(input_ids, pixel_values, attention_mask, token_type_ids)  # (B, T, D)
+        targets = labels[:, 1:]  # position t predicts token t + 1
+        is_target = targets != -100
+        logits = self.model.language_model.logits(h[:, :-1][is_target])  # (n_targets, V), not (B, T, V)
+        return F.cross_entropy(logits.float(), targets[is_target], reduction="sum")
+
+
+def count_targets(labels: torch.Tensor) -> torch.Tensor:
+    """The number of tokens the loss is taken over: the labels other than -100 after the shift by one."""
+    return (labels[:, 1:] != -100).sum()
 
 
 # ----------------------------------------------------------------------------------------------

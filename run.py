@@ -122,7 +122,7 @@ def leave(code: int):
 
 
 def training_module(root: nn.Module, grad_checkpointing: bool, ddp: bool, compile: bool) -> nn.Module:
-    """The module the training step calls, around `root` (train.SuffixLossSum: the model and its loss): with
+    """The module the training step calls, around `root` (paligemma.SuffixLossSum: the model and its loss): with
     activation checkpointing, data parallelism (DDP; --fsdp has sharded the root already) and compilation
     as asked."""
     if grad_checkpointing:  # recompute each decoder layer's activations in backward

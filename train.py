@@ -7,7 +7,8 @@
     torchrun --nproc_per_node=8 train.py --data train.jsonl --out ckpt/ --fsdp   # sharded, for 10B / 28B
 
 The loss is the mean next-token cross-entropy over the suffix and <eos> tokens of the batch, with the
-output head applied only at those positions. Trainable weights (or LoRA adapters, lora.py) are kept in
+output head applied only at those positions (paligemma.SuffixLossSum, summed over the micro-batches and
+processes of a step before it is divided). Trainable weights (or LoRA adapters, lora.py) are kept in
 float32 and the frozen ones in the compute dtype (or in 4 bits with --quantize nf4, nf4.py), with autocast
 (and loss scaling in float16, for GPUs without bfloat16). Evaluation scores greedy answers (metrics.py):
 exact match, COCO box mAP for detect and segment prompts, mask IoU for segment prompts with a VQ-VAE;
@@ -20,7 +21,7 @@ model nor over an earlier run unless --resume or --overwrite says so; Ctrl-C, SI
 the end of the current step and exits with 130 / 143 / 129, and a second Ctrl-C stops at once (run.py);
 a non-finite loss stops before anything is written.
 
-The file reads as the script runs: the model and its loss, evaluation, the options, the pieces of a run
+The file reads as the script runs: the learning rate, evaluation, the options, the pieces of a run
 (the model, the data, the optimizer resumed), the training step, then the run itself: prepare, build,
 train, finish, and `main`, which calls them in that order.
 
@@ -37,7 +38,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from checkpoint import (check_out_folder, check_resume, load_optimizer_state, lock_out_folder, prepare_out_folder,
@@ -47,43 +47,15 @@ from data import Draws, batches_until_closed, default_val_file, micro_batches, r
 from detections import AnswerConstraint, AnswerTokens
 from lora import ATTENTION, MLP, add_lora, load_adapter
 from metrics import score_answers
-from paligemma import PaliGemma
+from paligemma import TRAINABLE, PaliGemma, SuffixLossSum, count_targets
 from processor import MAX_PIXELS, Processor, load_image
 from report import Progress, Reporter, card_of, check_hub, push, require
 from run import (Run, check_images, evaluate_together, leave, log_memory, memory_is_enough, save_together, setup,
                  shard, stop_now, stop_on_signals, training_module)
 from vqvae import VQVAE
 
-TRAINABLE = {  # --trainable: which parameters learn
-    "attn": lambda name: name.startswith("language_model.layers.") and ".self_attn." in name,  # q, k, v, o
-    "llm": lambda name: name.startswith("language_model."),
-    "all": lambda name: True,
-}
-
 # ----------------------------------------------------------------------------------------------
-# The model and its loss
-
-
-class SuffixLossSum(nn.Module):
-    """PaliGemma and its training loss as one module, so that DDP and torch.compile see a single forward."""
-
-    def __init__(self, model: PaliGemma):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, pixel_values, attention_mask, token_type_ids, labels) -> torch.Tensor:
-        """The cross-entropy *summed* over the batch's target tokens (suffix and <eos>); divide by
-        count_targets(labels), over all micro-batches and processes of a step, for the mean."""
-        h = self.model.hidden_states(input_ids, pixel_values, attention_mask, token_type_ids)  # (B, T, D)
-        targets = labels[:, 1:]  # position t predicts token t + 1
-        is_target = targets != -100
-        logits = self.model.language_model.logits(h[:, :-1][is_target])  # (n_targets, V), not (B, T, V)
-        return F.cross_entropy(logits.float(), targets[is_target], reduction="sum")
-
-
-def count_targets(labels: torch.Tensor) -> torch.Tensor:
-    """The number of tokens the loss is taken over: the labels other than -100 after the shift by one."""
-    return (labels[:, 1:] != -100).sum()
+# The learning rate schedule
 
 
 def lr_at(step: int, lr: float, warmup: float, steps: int) -> float:

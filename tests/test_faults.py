@@ -106,9 +106,9 @@ def test_a_kill_at_every_file_operation_of_a_save(trained, data, tmp_path):
 # train.py's main with each forward pass slowed to 0.3 s, so that a signal surely lands within a step
 SLOW_TRAINING = """import sys, time
 sys.path.insert(0, {root!r})
-import train
-forward = train.SuffixLossSum.forward
-train.SuffixLossSum.forward = lambda *args, **kwargs: (time.sleep(0.3), forward(*args, **kwargs))[1]
+import paligemma, train
+forward = paligemma.SuffixLossSum.forward
+paligemma.SuffixLossSum.forward = lambda *args, **kwargs: (time.sleep(0.3), forward(*args, **kwargs))[1]
 train.main(sys.argv[1:])
 """
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import PREFIXES, SUFFIXES, TOL, hf_model, max_diff_on_tokens, random_images
-from paligemma import PaliGemma
+from paligemma import TRAINABLE, PaliGemma
 from processor import Processor
 from test_faults import SLOW_TRAINING, wait_for
 import train as train_py
@@ -74,7 +74,7 @@ def test_fsdp_halves_memory_and_resumes(mqa_checkpoint, data, tmp_path, capsys):
     assert 0.45 < w2 / w1 < 0.6 and 0.45 < o2 / o1 < 0.6
     # as computed from the shapes (float32 here): 4 bytes a weight, and AdamW's 8 for each trainable one
     model = PaliGemma.from_pretrained(mqa_checkpoint)
-    trainable = sum(p.numel() for n, p in model.named_parameters() if train_py.TRAINABLE["attn"](n))
+    trainable = sum(p.numel() for n, p in model.named_parameters() if TRAINABLE["attn"](n))
     expected = (4 * sum(p.numel() for p in model.parameters()) + 8 * trainable) / 2 / 2**20
     assert abs((w2 + o2) / expected - 1) < 0.05, (w2 + o2, expected)
     assert sorted(p.name for p in (tmp_path / "straight").glob("optimizer-step*")) == ["optimizer-step4"]

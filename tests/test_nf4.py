@@ -14,13 +14,12 @@ from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
 from safetensors.torch import load_file
 
 import infer
-import train
 from checkpoint import save_adapter
 from conftest import (PREFIXES, SUFFIXES, TOL, hf_config, hf_model, make_checkpoint, max_diff_on_tokens, random_images,
                       stopped_then_resumed)
 from lora import add_lora, load_adapter
 from nf4 import NF4, NF4Linear, quantize
-from paligemma import PaliGemma
+from paligemma import PaliGemma, SuffixLossSum, count_targets
 from processor import Processor
 
 # Every linear layer's input width a multiple of 64, the quantization block: bitsandbytes 0.50's CPU kernel
@@ -158,7 +157,7 @@ def test_qlora_training_step_equals_peft(qlora_checkpoint, tmp_path):
     theirs = peft.PeftModel.from_pretrained(transformers_4bit(qlora_checkpoint), tmp_path / "adapter",
                                             is_trainable=True).train()
     batch = Processor.from_pretrained(qlora_checkpoint)(random_images(3), PREFIXES, SUFFIXES)
-    loss = train.SuffixLossSum(ours)(**batch) / train.count_targets(batch["labels"])
+    loss = SuffixLossSum(ours)(**batch) / count_targets(batch["labels"])
     loss.backward()
     their_loss = theirs(**batch).loss
     their_loss.backward()

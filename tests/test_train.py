@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import train
 from conftest import hf_model, hf_processor, make_dataset, random_images
-from paligemma import PaliGemma
+from paligemma import PaliGemma, SuffixLossSum, count_targets
 from data import default_val_file, read_jsonl
 from processor import Processor, load_image
 
@@ -49,7 +49,7 @@ def test_loss_equals_transformers_and_target_only_logits(mqa_checkpoint):
     model = PaliGemma.from_pretrained(mqa_checkpoint)
     inputs = {k: batch[k] for k in ("input_ids", "pixel_values", "attention_mask", "token_type_ids", "labels")}
     with torch.no_grad():
-        loss = train.SuffixLossSum(model)(**inputs) / train.count_targets(batch["labels"])
+        loss = SuffixLossSum(model)(**inputs) / count_targets(batch["labels"])
         theirs = hf_model(mqa_checkpoint)(**inputs).loss
         logits = model(*(inputs[k] for k in ("input_ids", "pixel_values", "attention_mask", "token_type_ids")))
         full = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100)
