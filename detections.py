@@ -254,11 +254,13 @@ class AnswerConstraint:
         the " ; " before it. Generation stops after the batch's last token without passing it to the
         constraint: it is read here, so that a repeated object that <eos> ends is found too."""
         row = self.rows[i]
-        for token in ids[row.n:] if row is not None else []:
+        if row is None:  # not a detect or segment prompt
+            return decode(ids)
+        for token in ids[row.n:]:
             if row.phase == "done":
                 break
             row.advance(token)
-        if row is None or row.cut is None:
+        if row.cut is None:
             return decode(ids)
         return decode(ids[:row.cut]).rstrip().removesuffix(";").rstrip()
 
