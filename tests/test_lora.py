@@ -13,6 +13,7 @@ import infer
 from conftest import (PREFIXES, SUFFIXES, TOL, fresh_checkpoint, hf_model, make_dataset, max_diff_on_tokens,
                       random_images, stopped_then_resumed)
 from checkpoint import save_adapter
+from gemma import GemmaAttention, GemmaConfig, rope
 from lora import MLP, LoRALinear, add_lora, load_adapter, merge_lora
 from paligemma import PaliGemma
 from processor import Processor
@@ -175,11 +176,11 @@ def test_lora_options_need_trainable_lora(run_train, tmp_path, capsys):
 def test_adapters_under_autocast_keep_one_copy_of_their_input():
     """q/k/v's adapters read the same input: under autocast it is kept once for backward, not once per adapter
     (a float32 cast before autocast's own would make a new copy in each), with the same outputs."""
-    from gemma import GemmaAttention, GemmaConfig, rope
     cfg = GemmaConfig(hidden_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=32, num_hidden_layers=1)
     torch.manual_seed(0)
     attention = GemmaAttention(cfg, 0).to(torch.bfloat16)
-    add_lora(torch.nn.ModuleDict({"language_model": attention}), rank=4, alpha=8, targets=("q_proj", "k_proj", "v_proj"))
+    add_lora(torch.nn.ModuleDict({"language_model": attention}), rank=4, alpha=8,
+             targets=("q_proj", "k_proj", "v_proj"))
     x = torch.randn(2, 5, 64, dtype=torch.bfloat16)
     cos, sin = rope(torch.arange(5)[None], 32, 10000.0, torch.bfloat16)
     kept = set()

@@ -2,9 +2,10 @@
 
     python -m tiny.shapes --out data/shapes --tasks caption,colour,shape,detect --train 6000 --valid 200
 
-Each 112x112 image holds one to three non-overlapping shapes (`--max-shapes` allows more: a crowded
-scene holds as many as fit; circle, square, triangle; `--shapes` can add star) in one of five colours, of random sizes and positions, on a noisy grey background. Each
-example asks one question about it, in a task PaliGemma knows:
+Each 112x112 image holds one to three non-overlapping shapes (circle, square, triangle; `--shapes` can
+add star) in one of five colours, of random sizes and positions, on a noisy grey background;
+`--max-shapes` allows more (a crowded scene holds as many as fit). Each example asks one question about
+it, in a task PaliGemma knows:
 
     caption   "caption en"                              -> "2 shapes: a red circle and a blue square"
     colour    "answer en what colour is the circle?"    -> "red"        (shapes that occur once)
