@@ -2,25 +2,30 @@
 
 OUT holds config.json, model.safetensors (its step in the metadata) and the tokenizer files, or, with
 LoRA, adapter_config.json and adapter_model.safetensors (the base model is elsewhere); and
-train_state.pt (step, optimizer and loss-scale state, the options that must not change on --resume).
-These are the official layout and PEFT's: transformers, peft and this project's loaders read them.
+train_state.pt (step, optimizer and loss-scale state, the run's options). These are the official
+layout and PEFT's: transformers, peft and this project's loaders read them.
+
+    save_checkpoint, save_adapter, save_merged     the files, each written whole
+    starting_point, read_train_state, check_resume, load_optimizer_state      --resume
+    check_out_folder, lock_out_folder, prepare_out_folder      --out before and as a run starts
 
 Every file is written to a temporary name, flushed to disk and renamed over the old one
-(`write_atomically`, the one writer of files in this project), so a file is always whole. The weights
+(files.write_atomically), so a file is always whole. The weights
 and the train state of a step are made consistent by the order of the renames: the new train state
 goes in beside the old one as train_state.next.pt, then the weights, then the new state takes the old
 one's name. Killed at any instant, OUT holds weights of step N-1 or N, and a train state of the same
 step; `read_train_state` finds it, and the next run finishes or removes what a kill left.
 
-What it is not: the training loop (train.py), which decides when to save. Under --fsdp every process
+What it is not: the training loop (train.py), which decides when to save and which options carry
+over on --resume. Mistakes a user can fix are raised as cli.UserError. Under --fsdp every process
 calls `save_checkpoint`: the optimizer state is saved sharded by torch.distributed.checkpoint into
 OUT/optimizer-stepN/, and the weights are gathered to process 0 one tensor at a time.
 """
 
 import contextlib
+import errno
 import fcntl
 import functools
-import hashlib
 import json
 import math
 import os
@@ -35,7 +40,8 @@ from safetensors import SafetensorError, safe_open
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.tensor import DTensor
 
-from cli import fail, log
+from cli import UserError, log
+from files import fsync_folder, write_atomically, write_json
 from lora import adapter_base, adapter_config, adapter_state, load_adapter, merge_lora
 from nf4 import NF4Linear
 from paligemma import PaliGemma, checkpoint_index, official_name, official_state_dict, resolve_checkpoint
@@ -45,75 +51,6 @@ CHECKPOINT_FILES = (*WEIGHTS, "model.safetensors.index.json", "train_state.pt") 
 NEXT_STATE = "train_state.next.pt"
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64"}
 
-
-def write_atomically(path: Path, write):
-    """`write(tmp_path)`, flushed to disk, then renamed over `path`: a crash leaves the old file whole."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def fsync_folder(folder: Path):
-    """The renames in `folder` reach the disk (they are already safe from a killed process)."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def unsharded(t: torch.Tensor) -> torch.Tensor:
-    """A tensor as it is, or one sharded by --fsdp gathered whole (every process must take part)."""
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-class Stored(NamedTuple):
-    """A tensor left where a safetensors file stores it, read only when it is written out."""
-    file: Path
-    key: str
-
-    def header(self) -> tuple[str, list[int], int]:
-        """Its dtype (safetensors' name), shape and size in bytes."""
-        with safe_open(self.file, framework="pt") as f:
-            s = f.get_slice(self.key)
-            dtype, shape = s.get_dtype(), s.get_shape()
-        return dtype, shape, math.prod(shape) * {"F64": 8, "F32": 4, "I64": 8, "BF16": 2, "F16": 2}[dtype]
-
-    def load(self) -> torch.Tensor:
-        with safe_open(self.file, framework="pt") as f:
-            return f.get_tensor(self.key)
-
-
-def write_safetensors(path: Path, tensors: dict[str, "torch.Tensor | Stored"], metadata: dict[str, str]):
-    """The safetensors format, written tensor by tensor: an 8-byte header length, a JSON header of
-    names, dtypes, shapes and byte ranges, then the bytes. (safetensors' own save_file writes through
-    a temporary file of its own, with a random name and mode 0600.)"""
-    header, offset = {"__metadata__": metadata}, 0
-    for name, t in tensors.items():
-        dtype, shape, size = t.header() if isinstance(t, Stored) else \
-            (SAFETENSORS_DTYPES[t.dtype], list(t.shape), t.numel() * t.element_size())
-        header[name] = dict(dtype=dtype, shape=shape, data_offsets=[offset, offset + size])
-        offset += size
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(len(encoded).to_bytes(8, "little") + encoded)
-        for t in tensors.values():
-            t = t.load() if isinstance(t, Stored) else unsharded(t)
-            f.write(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().data)
-
-
-def write_json(path: Path, value):
-    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(value, indent=2)))
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints and adapters
 
 
 def checkpoint_weights(model, source: Path) -> dict[str, "torch.Tensor | Stored"]:
@@ -193,7 +130,7 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scaler, *, source: P
     except OSError as e:
         if not step_written and rank == 0:
             (out / NEXT_STATE).unlink(missing_ok=True)
-        fail(f"cannot save the checkpoint of step {step} in {out} ({e.strerror or e}); "
+        raise UserError(f"cannot save the checkpoint of step {step} in {out} ({e.strerror or e}); "
              "the checkpoint it held before, if any, is intact")
     log(f"saved {out} at step {step}")
 
@@ -213,46 +150,12 @@ def save_merged(folder: Path, source: Path, model, no_final_softcap: bool, adapt
         weights = official_state_dict(merge_lora(model))
         write_atomically(folder / WEIGHTS[0], lambda tmp: write_safetensors(tmp, weights, {"format": "pt"}))
     except (OSError, ValueError) as e:
-        fail(f"cannot write the merged model into {folder} ({getattr(e, 'strerror', None) or e}); the adapter is saved")
+        raise UserError(f"cannot write the merged model into {folder} ({getattr(e, 'strerror', None) or e}); the adapter is saved")
     log(f"saved the merged model in {folder}")
 
 
 # ----------------------------------------------------------------------------------------------
-# Reading back: --resume
-#
-# train_state.pt keeps the options of the run. On --resume, an option the command line does not give takes
-# the run's value again; one it gives with another value is refused (naming both values) if it must match,
-# and applied (and said, in one line) if it may change. An adapter's base model must match too.
-
-RESUME_MUST_MATCH = ("trainable", "optimizer", "lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "rslora",
-                     "fsdp", "quantize", "batch_size", "grad_accum", "no_final_softcap")
-RESUME_MAY_CHANGE = ("lr", "weight_decay", "warmup", "clip", "max_len", "seed", "steps", "data")
-
-
-def run_options(args, steps: int) -> dict:
-    """What train_state.pt keeps of the options: RESUME_MUST_MATCH and RESUME_MAY_CHANGE, the data's digest."""
-    options = {k: getattr(args, k) for k in RESUME_MUST_MATCH + RESUME_MAY_CHANGE} | dict(steps=steps)
-    return options | dict(data=str(args.data), data_sha256=hashlib.sha256(args.data.read_bytes()).hexdigest())
-
-
-def resume_options(args, given: set[str], saved: dict, out: Path):
-    """The run's options again: each saved one not given takes its saved value (but --fsdp, which is how the
-    run is launched); one given with another value is refused, or applied with one line (the steps: where
-    the schedule is known, train.py)."""
-    show = lambda v: ",".join(v) if isinstance(v, tuple) else v  # noqa: E731
-    given = given | ({"steps"} if "epochs" in given else set())
-    for name in (n for n in RESUME_MUST_MATCH + RESUME_MAY_CHANGE if n in saved):
-        if name not in given and name != "fsdp":
-            setattr(args, name, Path(saved[name]) if name == "data" else saved[name])
-            continue
-        now = getattr(args, name)
-        if name in RESUME_MUST_MATCH and now != saved[name]:
-            fail(f"{out} was trained with --{name.replace('_', '-')} {show(saved[name])}, not {show(now)}")
-        elif name == "data" and hashlib.sha256(now.read_bytes()).hexdigest() != saved["data_sha256"]:
-            log(f"--resume: {now} is not the data the run began with ({saved['data']}, other lines now): "
-                "the remaining steps draw from it as it is")
-        elif name not in ("data", "steps") and now != saved[name]:
-            log(f"--resume: --{name.replace('_', '-')} {show(now)} from here on (the run had {show(saved[name])})")
+# Reading back: --resume (train.py decides which options carry over)
 
 
 def starting_point(out: Path, model: str, resume: bool, lora: bool, model_given: bool) -> tuple[Path, str | None]:
@@ -272,7 +175,7 @@ def starting_point(out: Path, model: str, resume: bool, lora: bool, model_given:
                                                                                      "tokenizer.model"])
         return source, base
     except (OSError, ValueError) as e:
-        fail(str(e))
+        raise UserError(str(e)) from None
 
 
 def read_train_state(out: Path, device) -> tuple[dict, str]:
@@ -284,28 +187,28 @@ def read_train_state(out: Path, device) -> tuple[dict, str]:
             step = int((f.metadata() or {})["step"])
     except (SafetensorError, OSError, KeyError, ValueError) as e:
         what = "has no step in its metadata" if isinstance(e, (KeyError, ValueError)) else f"cannot be read ({e})"
-        fail(f"--resume: {weights} {what}: it was not written by train.py")
+        raise UserError(f"--resume: {weights} {what}: it was not written by train.py")
     for name in ("train_state.pt", NEXT_STATE):
         if not (out / name).is_file():
             continue
         try:
             state = torch.load(out / name, map_location=device, weights_only=True)
         except Exception as e:  # truncated or not a torch file: pickle, zip and torch raise many types
-            fail(f"--resume: {out / name} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+            raise UserError(f"--resume: {out / name} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
         if state.get("step") == step:
             if missing := [k for k in ("optimizer", "scaler", "options", "processes") if k not in state]:
-                fail(f"--resume: {out / name} has no {', '.join(missing)}: it was not written by this train.py")
+                raise UserError(f"--resume: {out / name} has no {', '.join(missing)}: it was not written by this train.py")
             return state, name
-    fail(f"--resume: {out} holds weights of step {step} but no train state of that step")
+    raise UserError(f"--resume: {out} holds weights of step {step} but no train state of that step")
 
 
 def check_resume(state: dict, out: Path, steps: int, world: int, sharded: bool):
     """A train state against the run that resumes it: more `steps` than it has done, and under --fsdp
     (`sharded`) as many processes as saved its optimizer state."""
     if state["step"] >= steps:
-        fail(f"--resume: {out} is at step {state['step']} already; ask for more --steps than that")
+        raise UserError(f"--resume: {out} is at step {state['step']} already; ask for more --steps than that")
     if sharded and state["processes"] != world:
-        fail(f"--resume: {out} was saved by {state['processes']} processes under --fsdp, and its optimizer state "
+        raise UserError(f"--resume: {out} was saved by {state['processes']} processes under --fsdp, and its optimizer state "
              f"is sharded {state['processes']} ways: resume with torchrun --nproc_per_node={state['processes']}, "
              f"not {world}")
 
@@ -345,27 +248,27 @@ def check_out_folder(out: Path, model: str, resume: bool, overwrite: bool, data:
     model, the folder of a data file, a file, or unwritable; an earlier run's checkpoint only with --resume
     or --overwrite."""
     if out.is_symlink() and not out.exists():
-        fail(f"--out {out} is a symbolic link to {os.readlink(out)}, which does not exist")
+        raise UserError(f"--out {out} is a symbolic link to {os.readlink(out)}, which does not exist")
     given, out, source = out, out.resolve(), Path(model).expanduser().resolve()
     if not resume and Path(model).expanduser().is_dir() and (
             out == source or out.is_relative_to(source) or source.is_relative_to(out)):
-        fail(f"--out {given} and --model {model} are the same folder or one holds the other: "
+        raise UserError(f"--out {given} and --model {model} are the same folder or one holds the other: "
              "the checkpoint being fine-tuned would be overwritten; choose another --out")
     if holds := [f for f in data if f.resolve().is_relative_to(out)]:
-        fail(f"--out {given} holds the data file {holds[0]}: the checkpoint would be written among the data; "
+        raise UserError(f"--out {given} holds the data file {holds[0]}: the checkpoint would be written among the data; "
              "choose another --out")
     existing = next((p for p in [out, *out.parents] if p.exists()), None)
     if existing is not None and not existing.is_dir():
-        fail(f"--out {given}: {existing} is a file, not a folder")
+        raise UserError(f"--out {given}: {existing} is a file, not a folder")
     if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
-        fail(f"--out {given}: {existing} is not writable (permission denied)")
+        raise UserError(f"--out {given}: {existing} is not writable (permission denied)")
     present = [name for name in CHECKPOINT_FILES if (out / name).exists()]
     if resume and not any((out / name).is_file() for name in WEIGHTS):
-        fail(f"--resume: {given} holds no checkpoint written by train.py (no {' or '.join(WEIGHTS)})")
+        raise UserError(f"--resume: {given} holds no checkpoint written by train.py (no {' or '.join(WEIGHTS)})")
     if resume and overwrite:
-        fail("--resume continues the checkpoint in --out and --overwrite replaces it: give one of them")
+        raise UserError("--resume continues the checkpoint in --out and --overwrite replaces it: give one of them")
     if present and not resume and not overwrite:
-        fail(f"--out {given} holds a checkpoint ({', '.join(present)}): continue it with --resume, "
+        raise UserError(f"--out {given} holds a checkpoint ({', '.join(present)}): continue it with --resume, "
              "replace it with --overwrite, or choose another --out")
 
 
@@ -377,12 +280,12 @@ def lock_out_folder(out: Path):
         out.mkdir(parents=True, exist_ok=True)
         lock = open(out / "train.lock", "a+")
     except OSError as e:
-        fail(f"--out {out}: cannot be created ({e.strerror or e})")
+        raise UserError(f"--out {out}: cannot be created ({e.strerror or e})")
     try:
         fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         lock.seek(0)
-        fail(f"--out {out} is in use by another train.py run (process {lock.read().strip() or 'unknown'}); "
+        raise UserError(f"--out {out} is in use by another train.py run (process {lock.read().strip() or 'unknown'}); "
              "wait for it to end, or choose another --out")
     lock.truncate(0)
     lock.write(f"{os.getpid()}\n")
@@ -408,3 +311,48 @@ def prepare_out_folder(out: Path, resumed: dict | None, overwrite: bool, lora: b
         for name in removed:
             (out / name).unlink()
         log(f"--overwrite: {out}'s earlier run is replaced" + (f"; removed {', '.join(removed)}" if removed else ""))
+
+
+# ----------------------------------------------------------------------------------------------
+# Plumbing: safetensors written tensor by tensor
+
+
+def unsharded(t: torch.Tensor) -> torch.Tensor:
+    """A tensor as it is, or one sharded by --fsdp gathered whole (every process must take part)."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+class Stored(NamedTuple):
+    """A tensor left where a safetensors file stores it, read only when it is written out."""
+    file: Path
+    key: str
+
+    def header(self) -> tuple[str, list[int], int]:
+        """Its dtype (safetensors' name), shape and size in bytes."""
+        with safe_open(self.file, framework="pt") as f:
+            s = f.get_slice(self.key)
+            dtype, shape = s.get_dtype(), s.get_shape()
+        return dtype, shape, math.prod(shape) * {"F64": 8, "F32": 4, "I64": 8, "BF16": 2, "F16": 2}[dtype]
+
+    def load(self) -> torch.Tensor:
+        with safe_open(self.file, framework="pt") as f:
+            return f.get_tensor(self.key)
+
+
+def write_safetensors(path: Path, tensors: dict[str, "torch.Tensor | Stored"], metadata: dict[str, str]):
+    """The safetensors format, written tensor by tensor: an 8-byte header length, a JSON header of
+    names, dtypes, shapes and byte ranges, then the bytes. (safetensors' own save_file writes through
+    a temporary file of its own, with a random name and mode 0600.)"""
+    header, offset = {"__metadata__": metadata}, 0
+    for name, t in tensors.items():
+        dtype, shape, size = t.header() if isinstance(t, Stored) else \
+            (SAFETENSORS_DTYPES[t.dtype], list(t.shape), t.numel() * t.element_size())
+        header[name] = dict(dtype=dtype, shape=shape, data_offsets=[offset, offset + size])
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(encoded).to_bytes(8, "little") + encoded)
+        for t in tensors.values():
+            t = t.load() if isinstance(t, Stored) else unsharded(t)
+            f.write(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().data)

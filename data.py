@@ -1,4 +1,4 @@
-"""Training data: JSONL files read and checked, batches made, and segmentation data made from COCO masks.
+"""Training data: JSONL files read and checked, and batches made of them.
 
     {"image": "relative/to/the/jsonl.jpg", "prefix": "answer en what colour is the car?", "suffix": "red"}
 
@@ -7,35 +7,27 @@ every line (and decodes its image) before training starts, naming the file and l
 `micro_batches` orders the examples, reproducibly for --resume and alike for any number of processes;
 `collate` turns examples into tensors with the Processor, in the DataLoader's worker processes.
 
-    python data.py --coco dataset/train/_annotations.coco.json --vae vae-oid.npz   # -> annotations.jsonl
-
-turns a COCO instance-segmentation export (Roboflow's "COCO Segmentation") into `segment <class>`
-examples whose answers are boxes and <seg> tokens, encoded by the VQ-VAE as big_vision encodes them.
-
-What it is not: the training loop (train.py) or the model's inputs (processor.py, which `collate` uses).
+What it is not: the training loop (train.py), the model's inputs (processor.py, which `collate` uses)
+or other formats of data (convert.py turns them into this one). A file or line that cannot be used is
+a cli.UserError that names it.
 """
 
-import argparse
 import contextlib
 import functools
 import json
-import math
 import os
 import random
 import signal
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from checkpoint import write_atomically
-from cli import fail, log
-from detections import prompt_names, segment_tokens
+from cli import UserError, log
+from detections import prompt_names
 from processor import MAX_PIXELS, Processor, load_image
 
 LARGE_IMAGE = 4096 * 4096  # pixels; such images are decoded one at a time when the data is checked
@@ -102,11 +94,11 @@ def read_jsonl(path: Path, skip_bad: bool, check=None, max_pixels: int = MAX_PIX
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        fail(f"{path}: no such file")
+        raise UserError(f"{path}: no such file") from None
     except IsADirectoryError:
-        fail(f"{path}: is a directory, not a JSONL file")
+        raise UserError(f"{path}: is a directory, not a JSONL file") from None
     except OSError as e:
-        fail(f"{path}: cannot be read ({e.strerror})")
+        raise UserError(f"{path}: cannot be read ({e.strerror})") from None
     lines = [(n, line) for n, line in enumerate(raw.split(b"\n"), 1) if line.strip()]
     parsed = [(n, *parse_line(path, n, line)) for n, line in lines]
     images = list(dict.fromkeys(path.parent / r["image"] for _, r, _ in parsed if r))
@@ -120,14 +112,12 @@ def read_jsonl(path: Path, skip_bad: bool, check=None, max_pixels: int = MAX_PIX
         errors += [why if error else f"{path}:{n}: {why}"] if why else []
         examples += [] if why else [example]
     if errors and not skip_bad:
-        for err in errors[:20]:
-            print(err, file=sys.stderr)
-        fail(f"{len(errors)} bad line(s) in {path}" + (" (first 20 shown)" if len(errors) > 20 else "")
-             + "; fix them or pass --skip-bad")
+        raise UserError(f"{len(errors)} bad line(s) in {path}" + (" (first 20 shown)" if len(errors) > 20 else "")
+                        + "; fix them or pass --skip-bad", details=errors[:20])
     if errors:
         log(f"{path}: skipped {len(errors)} bad line(s), e.g. {errors[0]}")
     if not examples:
-        fail(f"{path}: no usable examples")
+        raise UserError(f"{path}: no usable examples")
     return examples
 
 
@@ -227,116 +217,3 @@ def batches_until_closed(loader):
     iterator, which stops its worker processes at once; they ignore SIGTERM, so nothing else would."""
     it = iter(loader)
     yield from it
-
-
-# ----------------------------------------------------------------------------------------------
-# Segmentation fine-tuning data from masks: python data.py --coco train/_annotations.coco.json
-
-
-def rle_counts(counts) -> list[int]:
-    """COCO's run lengths, from a list or from its compressed string (6 bits a character, 5 of value
-    and a continuation bit, the last chunk signed; from the third run on, relative to the one two back)."""
-    if isinstance(counts, list):
-        return counts
-    runs, i = [], 0
-    while i < len(counts):
-        value, shift, more = 0, 0, True
-        while more:
-            c = ord(counts[i]) - 48
-            value |= (c & 0x1F) << shift
-            more, i, shift = c & 0x20, i + 1, shift + 5
-            if not more and c & 0x10:
-                value |= -1 << shift
-        runs.append(value + (runs[-2] if len(runs) > 2 else 0))
-    return runs
-
-
-def coco_mask(segmentation, height: int, width: int) -> np.ndarray:
-    """An annotation's segmentation, polygons ([[x, y, x, y, ...], ...]) or RLE ({"counts", "size"}),
-    as a bool (H, W) mask."""
-    if isinstance(segmentation, dict):  # runs of 0s then 1s, alternating, down the columns
-        runs = rle_counts(segmentation["counts"])
-        flat = np.repeat(np.arange(len(runs)) % 2 == 1, runs)
-        return flat.reshape(segmentation["size"][1], segmentation["size"][0]).T
-    image = Image.new("L", (width, height))
-    for polygon in segmentation:
-        ImageDraw.Draw(image).polygon(list(zip(polygon[::2], polygon[1::2])), fill=1)
-    return np.asarray(image, dtype=bool)
-
-
-def coco_segmentation_examples(data: dict, vae):
-    """A COCO instance-segmentation export (Roboflow's "COCO Segmentation": _annotations.coco.json beside the
-    images), read as JSON, as train.py's examples. Yields, image by image, (examples, skipped): one example
-    per class, prefix `segment <class>`, suffix each instance's box, 16 <seg> tokens and ` <class>`, joined
-    with ` ; ` as PaliGemma writes them; skipped counts the instances whose box holds no whole pixel (or is
-    not a number)."""
-    names = {c["id"]: c["name"] for c in data["categories"]}
-    by_image = {}
-    for a in data["annotations"]:
-        by_image.setdefault(a["image_id"], []).append(a)
-    for image in data["images"]:
-        height, width = image["height"], image["width"]
-        by_class, skipped = {}, 0
-        for a in sorted(by_image.get(image["id"], []), key=lambda a: (a["bbox"][1], a["bbox"][0])):
-            x, y, w, h = a["bbox"]
-            finite = all(math.isfinite(v) for v in (x, y, w, h))  # a NaN box is no box
-            tokens = finite and segment_tokens(coco_mask(a["segmentation"], height, width), (x, y, x + w, y + h), vae)
-            if not tokens:
-                skipped += 1
-                continue
-            by_class.setdefault(names[a["category_id"]], []).append(f"{tokens} {names[a['category_id']]}")
-        yield [dict(image=image["file_name"], prefix=f"segment {name}", suffix=" ; ".join(objects))
-               for name, objects in by_class.items()], skipped
-
-
-def main(argv=None):
-    from vqvae import VQVAE
-
-    p = argparse.ArgumentParser(description="Turns a COCO instance-segmentation export into train.py's JSONL: "
-                                "`segment <class>` prompts answered with boxes and <seg> tokens.")
-    p.add_argument("--coco", type=Path, required=True, help="_annotations.coco.json, beside its images")
-    p.add_argument("--vae", default=None, help="the VQ-VAE npz that encodes masks (default: big_vision's "
-                   "vae-oid.npz from the hub, which PaliGemma's checkpoints were trained with)")
-    p.add_argument("--out", type=Path, default=None, help="default: annotations.jsonl beside --coco")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    args = p.parse_args(argv)
-    out = args.out or args.coco.with_name("annotations.jsonl")
-    # --out checked first: never the export itself, nor a file already there unless --overwrite
-    if out.resolve() == args.coco.resolve():
-        fail(f"--out {out} is the COCO export itself; choose another --out")
-    if out.is_dir() or not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
-        fail(f"--out {out}: " + ("is a folder" if out.is_dir() else f"{out.parent} is not a writable folder"))
-    if out.exists() and not args.overwrite:
-        fail(f"--out {out} exists: replace it with --overwrite, or choose another --out")
-    try:
-        vae = VQVAE.from_pretrained(args.vae)
-    except (OSError, ValueError) as e:
-        fail(f"--vae: {e}")
-    try:
-        data = json.loads(args.coco.read_text(encoding="utf-8"))
-        examples, skipped = [], 0
-        for i, (image_examples, image_skipped) in enumerate(coco_segmentation_examples(data, vae), 1):
-            examples += image_examples
-            skipped += image_skipped
-            if i % 500 == 0 or i == len(data["images"]):
-                print(f"{i}/{len(data['images'])} images encoded", file=sys.stderr, flush=True)
-    except json.JSONDecodeError as e:
-        fail(f"{args.coco}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})")
-    except RecursionError:
-        fail(f"{args.coco}: nested too deeply to be a COCO export")
-    except UnicodeDecodeError as e:
-        fail(f"{args.coco}: not UTF-8 text (byte {e.start})")
-    except (OSError, ValueError) as e:
-        fail(str(e))
-    except (KeyError, TypeError, IndexError, AttributeError) as e:
-        fail(f"{args.coco}: not a COCO instance-segmentation export ({type(e).__name__}: {e})")
-    for e in examples:  # image paths relative to the JSONL, as train.py reads them
-        e["image"] = os.path.relpath(args.coco.parent / e["image"], out.parent)
-    write_atomically(out, lambda tmp: tmp.write_text("".join(json.dumps(e) + "\n" for e in examples)))
-    print(f"{out}: {len(examples)} examples from {args.coco}"
-          + (f"; {skipped} instance(s) skipped, their boxes hold no whole pixel of the image (or are not numbers)"
-             if skipped else ""))
-
-
-if __name__ == "__main__":
-    main()

@@ -96,6 +96,27 @@ def segment_tokens(mask: np.ndarray, box, vae) -> str | None:
 
 
 # ----------------------------------------------------------------------------------------------
+# A prompt's task: the one rule, from PaliGemma's task prefixes (big_vision's transfer configs and the mix
+# checkpoints' prompts). It picks the scorers of an answer (metrics.py) and the grammar of its generation.
+
+TASKS = ("caption", "answer", "question", "ocr", "detect", "segment", "other")
+
+
+def prompt_task(prefix: str) -> str:
+    """caption ("caption en", "describe en"), answer ("answer en <question>"), question ("question en
+    <answer>": question generation), ocr, detect and segment (with at least one class name: "detect cat ;
+    dog"), or other (a bare "detect", "segmentation of cat", free text)."""
+    word, _, rest = prefix.strip().partition(" ")
+    if word in ("caption", "describe"):
+        return "caption"
+    if word in ("answer", "question", "ocr"):
+        return word
+    if word in ("detect", "segment") and any(name.strip() for name in rest.split(";")):
+        return word
+    return "other"
+
+
+# ----------------------------------------------------------------------------------------------
 # Answers that can only be well-formed: the grammar of detect and segment answers, over token ids
 #
 # PaliGemma's tokenizer splits <loc> and <seg> tokens out of the text and encodes what lies between them
@@ -107,9 +128,10 @@ def segment_tokens(mask: np.ndarray, box, vae) -> str | None:
 
 def prompt_names(prefix: str) -> tuple[bool, list[str]] | None:
     """(is it a segment prompt, its class names) for `detect a ; b` and `segment a`; None for other prompts."""
-    kind, _, rest = prefix.partition(" ")
-    names = [name.strip() for name in rest.split(";") if name.strip()]
-    return (kind == "segment", names) if kind in ("detect", "segment") and names else None
+    task = prompt_task(prefix)
+    if task not in ("detect", "segment"):
+        return None
+    return task == "segment", [name.strip() for name in prefix.strip().partition(" ")[2].split(";") if name.strip()]
 
 
 def box_iou(a, b) -> float:

@@ -20,88 +20,16 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont
+from PIL import Image
 
-from checkpoint import write_atomically
-from cli import DefaultsFormatter, add_device_options, device_and_dtype, fail, number
-from detections import SEG, AnswerConstraint, AnswerTokens, Detection, parse_detections, prompt_names
-from lora import adapter_base, load_adapter
-from paligemma import PaliGemma
-from processor import MAX_PIXELS, Processor, load_image, to_rgb
+from answers import load_model
+from cli import (DefaultsFormatter, UserError, add_answer_options, add_device_options, add_image_limit,
+                 add_quantize_option, add_vae_option, device_and_dtype, fail, number, use_own_image_limit)
+from detections import SEG, AnswerConstraint, AnswerTokens, parse_detections
+from drawing import draw_detections
+from files import write_atomically
+from processor import load_image
 from vqvae import VQVAE
-
-
-COLOURS = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 200, 200),
-           (240, 50, 230), (210, 180, 20))
-
-
-def draw_detections(image: Image.Image, detections: list[Detection]) -> Image.Image:
-    """A copy of `image` with each object's box and label, and its mask (a translucent fill with an outline)
-    when it has one. Images under 512 pixels are drawn enlarged, so that labels can be read; a label sits
-    above its box where there is room, else inside it, and never leaves the image."""
-    scale = max(1, round(512 / max(image.size)))
-    canvas = to_rgb(image).resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
-    line = max(2, canvas.height // 250)
-    overlay = Image.new("RGBA", canvas.size)
-    for i, d in enumerate(detections):
-        if d.mask is not None:
-            mask = Image.fromarray(d.mask.astype(np.uint8) * 255).resize(canvas.size, Image.Resampling.NEAREST)
-            overlay.paste((*COLOURS[i % len(COLOURS)], 120), mask=mask)
-            edge = ImageChops.subtract(mask, mask.filter(ImageFilter.MinFilter(2 * line + 1)))
-            overlay.paste((*COLOURS[i % len(COLOURS)], 255), mask=edge)
-    canvas = Image.alpha_composite(canvas.convert("RGBA"), overlay).convert("RGB")
-    draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default(size=max(12, canvas.height // 32))
-    for i, d in enumerate(detections):
-        colour = COLOURS[i % len(COLOURS)]
-        x1, y1, x2, y2 = (v * scale for v in d.box)
-        draw.rectangle((x1, y1, x2, y2), outline=colour, width=line)
-        if d.label:
-            left, top, right, bottom = draw.textbbox((0, 0), d.label, font=font)
-            w, h = right - left + 6, bottom - top + 6
-            x = min(max(x1, 0), canvas.width - w)
-            y = y1 - h if y1 >= h else min(y1, canvas.height - h)
-            draw.rectangle((x, y, x + w, y + h), fill=colour)
-            dark = sum(c * w for c, w in zip(colour, (0.3, 0.59, 0.11))) < 150
-            draw.text((x + 3 - left, y + 3 - top), d.label, fill="white" if dark else "black", font=font)
-    return canvas
-
-
-def dashed_box(draw: ImageDraw.ImageDraw, box, fill, width: int = 1, dash: int = 6):
-    """A rectangle's outline in dashes of `dash` pixels with gaps as long."""
-    x1, y1, x2, y2 = box
-    for (ax, ay), (bx, by) in (((x1, y1), (x2, y1)), ((x2, y1), (x2, y2)), ((x2, y2), (x1, y2)), ((x1, y2), (x1, y1))):
-        length = max(abs(bx - ax), abs(by - ay), 1)
-        for t in range(0, int(length), 2 * dash):
-            f, g = t / length, min(t + dash, length) / length
-            draw.line([(ax + f * (bx - ax), ay + f * (by - ay)), (ax + g * (bx - ax), ay + g * (by - ay))],
-                      fill=fill, width=width)
-
-
-def evaluation_picture(examples: list[tuple], vae=None, tile: int = 512) -> Image.Image:
-    """Validation examples, (image, prefix, answer, target) each, in a grid of 4 a row: detect and segment
-    answers drawn as infer.py draws them (boxes and masks in colour), their targets' boxes as thin dashed
-    white outlines; under each image, its prompt, and for other prompts the answer and the target too."""
-    font = ImageFont.load_default(size=15)
-    lines, columns = 3, min(4, len(examples))
-    grid = Image.new("RGB", (columns * tile, -(-len(examples) // columns) * (tile + 18 * lines)), "white")
-    for i, (image, prefix, answer, target) in enumerate(examples):
-        if prompt_names(prefix):
-            canvas = draw_detections(image, parse_detections(answer, *image.size, vae=vae))
-            scale = canvas.width / image.width
-            draw = ImageDraw.Draw(canvas)
-            for d in parse_detections(target, *image.size):
-                dashed_box(draw, [v * scale for v in d.box], "white", width=max(2, canvas.height // 300))
-            text = [prefix]
-        else:
-            canvas, text = to_rgb(image), [prefix, f"answer: {answer}", f"target: {target}"]
-        canvas = canvas.resize((tile, tile), Image.Resampling.BILINEAR)
-        x, y = i % columns * tile, i // columns * (tile + 18 * lines)
-        grid.paste(canvas, (x, y))
-        for k, line in enumerate(text):
-            ImageDraw.Draw(grid).text((x + 4, y + tile + 2 + 18 * k), line[:tile // 8], fill="black", font=font)
-    return grid
 
 
 def output_paths(out: str, images: list[str], overwrite: bool) -> list[Path]:
@@ -129,7 +57,7 @@ def output_paths(out: str, images: list[str], overwrite: bool) -> list[Path]:
 
 
 def save_image(image: Image.Image, path: Path):
-    """Written whole (checkpoint.write_atomically): never half an image."""
+    """Written whole (files.write_atomically): never half an image."""
     try:
         write_atomically(path, lambda tmp: image.save(tmp, format=Image.registered_extensions()[path.suffix.lower()]))
     except OSError as e:
@@ -148,40 +76,16 @@ def options() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=number(float, 0, 1, above=True), default=1.0, help="1: no top-p")
     p.add_argument("--top-k", type=number(int, 0), default=0, help="0: no top-k")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--no-constrain", action="store_true", help="let detect and segment answers run free (by default "
-                   "they can only take PaliGemma's form: boxes, <seg> tokens, the prompt's labels, ' ; ')")
-    p.add_argument("--repeat-iou", type=number(float, 0, 1, above=True), default=0.9,
-                   help="an object with an earlier one's label and IoU >= this ends the answer")
+    add_answer_options(p)
     add_device_options(p)
-    p.add_argument("--quantize", choices=["nf4"], default=None, help="hold the linear layers' weights in 4 bits (NF4): "
-                   "about a third of bfloat16's memory, for small GPUs")
+    add_quantize_option(p, ["nf4"], "hold the linear layers' weights in 4 bits (NF4): about a third of "
+                        "bfloat16's memory, for small GPUs")
     p.add_argument("--out", default=None, help="image file to draw the boxes and masks of the answer on (with several "
                    "images, _0, _1, ... are added)")
     p.add_argument("--overwrite", action="store_true", help="replace an --out image that exists")
-    p.add_argument("--max-image-pixels", type=number(int, 1), default=MAX_PIXELS,
-                   help="larger images are refused (PIL's limit against decompression bombs)")
-    p.add_argument("--vae", default=None, help="the VQ-VAE npz that decodes <seg> tokens into masks (default: "
-                   "big_vision's vae-oid.npz from the hub); loaded only when an answer holds <seg> tokens")
+    add_image_limit(p)
+    add_vae_option(p)
     return p
-
-
-def load(args, device, dtype) -> tuple[PaliGemma, Processor]:
-    """--model (a checkpoint, or a folder holding an adapter: its base with it) and --adapter, on `device`."""
-    start = time.perf_counter()
-    try:
-        adapter = args.adapter or (args.model if (Path(args.model) / "adapter_config.json").is_file() else None)
-        base = args.model if args.adapter or not adapter else adapter_base(adapter)
-        model = PaliGemma.from_pretrained(base, dtype=dtype, device=device,
-                                          quantize=(lambda layer: True) if args.quantize else None)
-        processor = Processor.from_pretrained(base)
-        if adapter:
-            load_adapter(model, adapter)
-    except (OSError, ValueError) as e:
-        fail(str(e))
-    print(f"loaded {base}" + (f" with the adapter {adapter}" if adapter else "")
-          + f" ({dtype}{', linear layers in NF4' if args.quantize else ''}, {device}) in "
-          f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
-    return model, processor
 
 
 def draw_answers(images, answers: list[str], out_paths: list[Path], names: list[str], vae_path: str | None):
@@ -212,13 +116,13 @@ def main(argv=None):
     out_paths = output_paths(args.out, args.image, args.overwrite) if args.out else []
     if args.vae and not Path(args.vae).is_file():
         fail(f"--vae {args.vae}: no such file (a VQ-VAE npz such as vae-oid.npz)")
-    device, dtype = device_and_dtype(args)
+    use_own_image_limit()
     try:
+        device, dtype = device_and_dtype(args.device, args.dtype)
         images = [load_image(path, args.max_image_pixels) for path in args.image]
-    except ValueError as e:
+        model, processor = load_model(args.model, args.adapter, dtype, device, args.quantize)
+    except (UserError, ValueError, OSError) as e:
         fail(str(e))
-
-    model, processor = load(args, device, dtype)
 
     batch = {k: v.to(device) for k, v in processor(images, prompts).items()}
     grammar = None if args.no_constrain else AnswerConstraint.for_prompts(

@@ -30,6 +30,7 @@ from torch import nn
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
+RANK, ALPHA, DROPOUT = 8, 16.0, 0.0  # the defaults (PEFT's are 8, 8 and 0): r=8 on q/k/v/o, scale 2
 # PEFT prefixes its keys with base_model.model. and then transformers' module names, which are ours
 # below `model.` since transformers 4.52; before, the language model was language_model.model.
 PEFT_NAMES = {"base_model.model.model.language_model.": "language_model.",
@@ -77,8 +78,8 @@ def _wrap(model: nn.Module, name: str, **lora) -> LoRALinear:
     return wrapped
 
 
-def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16, targets=ATTENTION, dropout: float = 0.0,
-             rslora: bool = False) -> list[str]:
+def add_lora(model: nn.Module, rank: int = RANK, alpha: float = ALPHA, targets=ATTENTION,
+             dropout: float = DROPOUT, rslora: bool = False) -> list[str]:
     """Wraps the language model's linear layers whose names end in one of `targets` and freezes every
     other parameter; returns the names of the trainable tensors (each layer's lora_A and lora_B)."""
     if unknown := set(targets) - set(ATTENTION + MLP):

@@ -29,14 +29,17 @@ from paligemma import read_config, resolve_checkpoint
 
 
 MAX_PIXELS = 89_478_485  # PIL's own limit (a decompression bomb beyond); load_image checks it itself
-Image.MAX_IMAGE_PIXELS = None  # so that PIL neither warns below twice that, nor refuses a raised limit
 KINDS = {stat.S_ISFIFO: "a FIFO (named pipe)", stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device",
          stat.S_ISSOCK: "a socket"}
 
 
 def load_image(path, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """An image file, decoded and turned upright as its EXIF orientation says (as phones write them, and as
-    every viewer shows them); a file that cannot be used is a ValueError that names it and says why."""
+    every viewer shows them); a file that cannot be used is a ValueError that names it and says why.
+
+    An image over `max_pixels` is refused from its header, before it is decoded. PIL's own guard
+    (Image.MAX_IMAGE_PIXELS: a warning above it, an error above twice it) applies too unless the caller
+    lifts it, as the tools do (cli.use_own_image_limit): this module changes no global of PIL's."""
     path = Path(path)
     try:
         mode = path.stat().st_mode
@@ -60,6 +63,8 @@ def load_image(path, max_pixels: int = MAX_PIXELS) -> Image.Image:
         if e.errno == errno.ENAMETOOLONG:
             raise ValueError(f"{str(path)[:60]}...: file name too long for this system") from None
         raise ValueError(f"{path}: cannot be decoded as an image ({e})") from None
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{path}: {e} (PIL.Image.MAX_IMAGE_PIXELS is PIL's limit)") from None
     except (UnidentifiedImageError, SyntaxError, EOFError) as e:  # PIL's decoders raise these too
         raise ValueError(f"{path}: cannot be decoded as an image ({e})") from None
     except ValueError as e:

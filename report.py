@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import write_atomically
-from cli import fail, log
-from infer import evaluation_picture
+from cli import UserError, fail, log
+from drawing import evaluation_picture
+from files import write_atomically, write_text
 from metrics import format_scores
 
 PANELS = ("loss", "val_loss", "exact_match", "map50", "map50_95", "mask_iou", "repeated_boxes",
@@ -64,7 +64,7 @@ def require(module: str, option: str, package: str):
     try:
         return __import__(module, fromlist=["_"])
     except ImportError:
-        fail(f"{option} needs the {package} package: pip install {package}")
+        raise UserError(f"{option} needs the {package} package: pip install {package}") from None
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -76,7 +76,7 @@ def read_metrics(path: Path) -> list[dict]:
             entries.append(json.loads(line))
         except json.JSONDecodeError:
             if n < len(lines):
-                fail(f"{path}:{n}: not valid JSON; it is not a metrics file written by train.py")
+                raise UserError(f"{path}:{n}: not valid JSON; it is not a metrics file written by train.py")
             log(f"{path}:{n}: its last line was cut short (a kill or a full disk while writing it); dropped")
     return entries
 
@@ -115,7 +115,7 @@ class Reporter:
             with open(self.metrics_file, "a") as f:
                 f.write(json.dumps(dict(step=step, **entry)) + "\n")
         except OSError as e:
-            fail(f"cannot write {self.metrics_file} ({e.strerror or e}); the last checkpoint in {self.out}, if any, "
+            raise UserError(f"cannot write {self.metrics_file} ({e.strerror or e}); the last checkpoint in {self.out}, if any, "
                  "is intact")
         scalars = {k: v for k, v in entry.items() if isinstance(v, (int, float))}
         scalars |= {f"AP@50:95/{label}": ap for label, ap in entry.get("ap50_95", {}).items()}
@@ -146,9 +146,9 @@ class Reporter:
     def write_card(self, card: str):
         """OUT/README.md: with every save, and after the final evaluation with its scores."""
         try:
-            write_atomically(self.out / "README.md", lambda tmp: tmp.write_text(card))
+            write_text(self.out / "README.md", card)
         except OSError as e:
-            fail(f"cannot write {self.out / 'README.md'} ({e.strerror or e}); the checkpoint is saved")
+            raise UserError(f"cannot write {self.out / 'README.md'} ({e.strerror or e}); the checkpoint is saved")
 
     def plot(self):
         """OUT/metrics.png, redrawn from metrics.jsonl; without matplotlib, one line once saying how to get it."""
@@ -201,14 +201,6 @@ def plot_metrics(metrics_file: Path, png: Path) -> int:
 # The model card, and the upload
 
 
-def card_of(args, processes: int, base: str, steps: int, data: dict, reporter) -> str:
-    """The model card of a train.py run now, with its last evaluation's scores."""
-    lora = (args.lora_rank, args.lora_alpha, args.lora_targets) if args.trainable == "lora" else None
-    return model_card(base, lora is not None, dict(
-        name=args.out.name, trainable=args.trainable, lora=lora, quantize=args.quantize, steps=steps,
-        batch=args.batch_size * args.grad_accum * processes, lr=args.lr, data=data), reporter.last_evaluation)
-
-
 def model_card(base_model: str, adapter: bool, run: dict, scores: dict | None) -> str:
     """OUT/README.md. run: trainable, lora (rank, alpha, targets) or None, quantize, steps, batch, lr, data
     (file: examples), and for the load examples the folder's name."""
@@ -259,9 +251,9 @@ def check_hub(repo_id: str):
     try:
         validate_repo_id(repo_id)
     except Exception as e:
-        fail(f"--push-to-hub {repo_id!r}: not a repo id of the form owner/name ({e})")
+        raise UserError(f"--push-to-hub {repo_id!r}: not a repo id of the form owner/name ({e})")
     if "/" not in repo_id or hub.get_token() is None:
-        fail(f"--push-to-hub {repo_id}: " + ("give owner/name" if "/" not in repo_id else
+        raise UserError(f"--push-to-hub {repo_id}: " + ("give owner/name" if "/" not in repo_id else
              "no Hugging Face token: run huggingface-cli login, or set HF_TOKEN"))
 
 
@@ -277,7 +269,7 @@ def push(out: Path, repo_id: str, private: bool) -> str:
                                       commit_message="nanoPaliGemma: fine-tuned checkpoint")
     except Exception as e:  # network, authentication, permissions: the hub library raises many types
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        fail(f"--push-to-hub {repo_id}: the upload failed ({reason[:200]}); the checkpoint in {out} is complete "
+        raise UserError(f"--push-to-hub {repo_id}: the upload failed ({reason[:200]}); the checkpoint in {out} is complete "
              f"and untouched: push it later with huggingface-cli upload {repo_id} {out}")
     log(f"pushed {len(files)} files of {out} to https://huggingface.co/{repo_id}")
     return repo_id
@@ -287,10 +279,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Draws OUT/metrics.png from OUT/metrics.jsonl of a train.py run.")
     p.add_argument("out", type=Path, help="the run's --out folder")
     args = p.parse_args(argv)
-    if not (args.out / "metrics.jsonl").is_file():
-        fail(f"{args.out} holds no metrics.jsonl (the --out folder of a train.py run)")
-    require("matplotlib", "drawing metrics.png", "matplotlib")
-    panels = plot_metrics(args.out / "metrics.jsonl", args.out / "metrics.png")
+    try:
+        if not (args.out / "metrics.jsonl").is_file():
+            raise UserError(f"{args.out} holds no metrics.jsonl (the --out folder of a train.py run)")
+        require("matplotlib", "drawing metrics.png", "matplotlib")
+        panels = plot_metrics(args.out / "metrics.jsonl", args.out / "metrics.png")
+    except UserError as e:
+        fail(str(e))
     print(f"{args.out / 'metrics.png'}: {panels} panels" if panels else f"{args.out}: no metrics to draw yet")
 
 

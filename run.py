@@ -6,13 +6,13 @@ memory they hold.
     setup             the process group (NCCL on GPUs, gloo on the CPU), one GPU per process
     shard             --fsdp: FSDP2 units of each SigLIP and Gemma layer, then the root
     training_module   the step's module: decoder layers recomputed in backward, DDP, torch.compile, as asked
+    unsharded_for     --fsdp: the root's weights gathered whole for an evaluation
     stop_on_signals   Ctrl-C, SIGTERM, SIGHUP: recorded, so that the loop saves at the end of the step and stops
     leave             the end of a process (under torchrun: without Python's teardown, which can abort it)
-    evaluate_together, save_together, check_images
-                      what the processes do at a step in step with each other (under --fsdp all of them)
-    memory_is_enough  out of memory as one line that says what to lower
+    check_images      an image gone in any process stops every process, saved
+    memory_is_enough  out of memory as one line (a cli.UserError) that says what to lower
 
-What it is not: the training loop (train.py).
+What it is not: the training loop (train.py), which evaluates and saves in step across the processes.
 """
 
 import contextlib
@@ -31,8 +31,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from checkpoint import save_checkpoint
-from cli import device_and_dtype, fail, log
+from cli import UserError, device_and_dtype, log
 
 
 @dataclass
@@ -60,18 +59,20 @@ class Run:
         return int(self.all_reduce(self.stop[0] if self.stop else 0, dist.ReduceOp.MAX))
 
 
-def setup(args) -> Run:
-    """The device (one GPU per process under torchrun), the process group and the compute dtype."""
-    device, dtype = device_and_dtype(args)
+def setup(device: str | None, dtype: str | None, seed: int, fsdp: bool) -> Run:
+    """The device (--device; one GPU per process under torchrun), the process group and the compute dtype
+    (--dtype), the random numbers seeded."""
+    device, dtype = device_and_dtype(device, dtype)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
-    if args.fsdp and world == 1:
-        fail("--fsdp shards across the processes torchrun starts: torchrun --nproc_per_node=N train.py ... --fsdp")
+    if fsdp and world == 1:
+        raise UserError("--fsdp shards across the processes torchrun starts: "
+                        "torchrun --nproc_per_node=N train.py ... --fsdp")
     if world > 1:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    torch.manual_seed(args.seed)
+    torch.manual_seed(seed)
     return Run(device, dtype, rank, world)
 
 
@@ -99,10 +100,10 @@ def stop_on_signals(run: Run, out: Path):
         signal.signal(sig, on_signal)
 
 
-def stop_now(run: Run, step: int, checkpoint=None):
-    """After a signal (in any process): save `step` (unless saved) and exit 130 / 143 / 129: not finished."""
-    if checkpoint:
-        checkpoint(step)
+def stop_now(run: Run, step: int, save=None):
+    """After a signal (in any process): `save(step)` (unless saved) and exit 130 / 143 / 129: not finished."""
+    if save:
+        save(step)
     log(f"stopped at step {step}; continue with --resume")
     leave(128 + run.stopped())
 
@@ -132,62 +133,39 @@ def training_module(root: nn.Module, grad_checkpointing: bool, ddp: bool, compil
     return torch.compile(module) if compile else module
 
 
-def evaluate_together(run: Run, step: int, score, root, sharded: bool, reporter, vae=None) -> str | None:
-    """`score()` (train.evaluate on the validation set) in process 0, or under --fsdp in every process alike (a
-    rank that skipped a layer's gather would hang the others) with the root unsharded; process 0 reports it.
-    Returns why it could not be done (an image gone), or None."""
-    why = None
-    if run.rank == 0 or sharded:
-        if sharded:
-            root.unshard()
-        try:
-            metrics, shown = score()
-        except ValueError as e:  # load_image: a validation image gone or changed since the check
-            why = f"evaluation at step {step}: image {e}"
+@contextlib.contextmanager
+def unsharded_for(root, sharded: bool):
+    """Under --fsdp (`sharded`), the root's parameters gathered whole inside, sharded again after."""
+    if sharded:
+        root.unshard()
+    try:
+        yield
+    finally:
         if sharded:
             root.reshard()
-        if why is None and metrics is not None and run.rank == 0:
-            reporter.evaluation(step, metrics, shown, vae)
-    run.barrier()
-    return why
 
 
-def save_together(run: Run, step: int, reporter=None, card=None, **checkpoint):
-    """The checkpoint of `step` (checkpoint.save_checkpoint): written by process 0, or under --fsdp by every
-    process; then process 0 writes the model card, `card()`, as OUT/README.md."""
-    if run.rank == 0 or checkpoint["sharded"]:
-        save_checkpoint(step=step, **checkpoint)
-    if run.rank == 0 and card:
-        reporter.write_card(card())
-    run.barrier()
-
-
-def check_images(run: Run, micro: list[dict], step: int, start: int, checkpoint):
+def check_images(run: Run, micro: list[dict], step: int, start: int, save):
     """An image that became unreadable since the data check (in any process) stops the run, saved at the
-    step before."""
+    step before (`save(step)`)."""
     error = next((b["error"] for b in micro if "error" in b), None)
     if run.all_reduce(error is not None, dist.ReduceOp.MAX):
         if step > start:
-            checkpoint(step)
-        fail(f"{error or 'an image of another process cannot be read'}; stopped before step {step + 1}"
+            save(step)
+        raise UserError(f"{error or 'an image of another process cannot be read'}; stopped before step {step + 1}"
              + (f", saved at step {step}" if step > start else "") + ": fix the data and --resume")
 
 
 @contextlib.contextmanager
-def memory_is_enough(what: str, args):
-    """Out of memory inside (torch's CPU or CUDA allocator) is one line that says what to lower."""
+def memory_is_enough(what: str, hints: list[str], out: Path):
+    """Out of memory inside (torch's CPU or CUDA allocator) is one line that says what to lower (`hints`)."""
     try:
         yield
     except (torch.OutOfMemoryError, RuntimeError) as e:
         if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
             raise
-        hints = [f"lower --batch-size ({args.batch_size})"]
-        if not args.grad_checkpointing:
-            hints.append("add --grad-checkpointing")
-        if not args.quantize and args.trainable in ("lora", "attn"):
-            hints.append("add --quantize nf4")
-        fail(f"out of memory {what} ({str(e).splitlines()[0][:120]}): {', or '.join(hints)}; the last checkpoint "
-             f"in {args.out}, if any, is intact")
+        raise UserError(f"out of memory {what} ({str(e).splitlines()[0][:120]}): {', or '.join(hints)}; the last "
+                        f"checkpoint in {out}, if any, is intact") from None
 
 
 def mib_held(tensors) -> float:

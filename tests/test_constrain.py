@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import stopped_then_resumed
 from detections import (AnswerConstraint, AnswerGrammar, AnswerTokens, answer_problems, loc_tokens, parse_detections,
                         segment_tokens)
-from infer import evaluation_picture
+from drawing import evaluation_picture
 from paligemma import PaliGemma, read_config
 from processor import Processor
 from vqvae import VQVAE

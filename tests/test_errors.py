@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import checkpoint
+import convert
 import data as data_py
 import infer
 import train
@@ -611,7 +612,7 @@ def test_a_nan_box_in_a_coco_export_is_skipped(tmp_path, capsys):
                               dict(id=2, image_id=1, category_id=1, bbox=[2, 2, 10, 10],
                                    segmentation=[[2, 2, 12, 2, 12, 12]])]}
     (tmp_path / "_annotations.coco.json").write_text(json.dumps(export))  # json writes NaN, as Python reads it
-    data_py.main(["--coco", str(tmp_path / "_annotations.coco.json"), "--vae", str(ROOT / "tiny" / "vae-tiny.npz")])
+    convert.main(["coco-segment", str(tmp_path / "_annotations.coco.json"), "--vae", str(ROOT / "tiny" / "vae-tiny.npz")])
     assert "1 instance(s) skipped" in capsys.readouterr().out
     assert len(json.loads((tmp_path / "annotations.jsonl").read_text())["suffix"].split(" ; ")) == 1
 
@@ -736,7 +737,7 @@ def test_vae_files_that_are_not_npz(mqa_checkpoint, data, tmp_path, capsys):
                           (tmp_path / "corrupt.npz", "corrupt.npz: not a readable npz file")):
         assert expected in one_line_error(capsys, train.main, train_args(data, mqa_checkpoint, tmp_path / "o",
                                                                          "--vae", vae))
-        line_ = one_line_error(capsys, data_py.main, ["--coco", tmp_path / "c.json", "--vae", vae])
+        line_ = one_line_error(capsys, convert.main, ["coco-segment", tmp_path / "c.json", "--vae", vae])
         assert "--vae: " in line_ and expected in line_
 
 

@@ -39,9 +39,9 @@ def in_child(fn) -> int:
 
 
 def count_or_kill(at: int | None, counted: list):
-    """Wraps every file operation of the first checkpoint save of a run (run.save_checkpoint: a file written,
+    """Wraps every file operation of the first checkpoint save of a run (train.save_checkpoint: a file written,
     fsync, rename, unlink): SIGKILL this process just before operation number `at`; record them in `counted`."""
-    real_save, saving, saved = run.save_checkpoint, [], []
+    real_save, saving, saved = train.save_checkpoint, [], []
 
     def operation(name, real):
         def wrapped(*args, **kwargs):
@@ -61,7 +61,7 @@ def count_or_kill(at: int | None, counted: list):
         saving.extend([] if saved else [True])
         real_save(*args, **kwargs)
         saving.clear(), saved.append(True)
-    run.save_checkpoint = save
+    train.save_checkpoint = save
 
 
 def resume(out: Path, data: Path, steps: int):

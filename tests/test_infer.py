@@ -12,7 +12,7 @@ from PIL import Image
 
 import infer
 from detections import Detection
-from infer import draw_detections
+from drawing import draw_detections
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -126,3 +126,20 @@ def test_masks_are_drawn_from_seg_tokens(mqa_checkpoint, images, tmp_path, monke
     err = capsys.readouterr().err
     assert "masks, which are not drawn: " in err and "vae-oid.npz could not be fetched from the Hugging Face hub" in err
     assert "1 boxes drawn" in err and (tmp_path / "boxes.png").exists()
+
+
+def test_the_answer_grammar_options(mqa_checkpoint, images):
+    """--no-constrain lets sampled detect answers run free (a random model's are malformed); by default
+    they are well-formed; --repeat-iou is the IoU at which a repeated object ends the answer."""
+    from detections import answer_problems
+    prompt = "detect square ; circle"
+    base = ("--model", mqa_checkpoint, "--image", images / "a.png", "--image", images / "b.jpg", "--prompt", prompt,
+            "--max-new-tokens", "60")
+    sampled = ("--temperature", "1", "--seed", "0")
+    results = {name: run(*base, *extra) for name, extra in (("free", ["--no-constrain", *sampled]),
+                                                            ("constrained", sampled), ("repeat", ["--repeat-iou", "0.01"]))}
+    assert all(r.returncode == 0 for r in results.values()), {k: r.stderr for k, r in results.items()}
+    problems = {name: sum(sum(answer_problems(line, prompt).values()) for line in r.stdout.splitlines())
+                for name, r in results.items()}
+    assert problems["constrained"] == problems["repeat"] == 0 < problems["free"], problems
+    assert "the answer repeated an object (IoU >= 0.01)" in results["repeat"].stderr

@@ -169,8 +169,8 @@ def test_the_hub_check_in_a_fresh_process(tmp_path):
     """check_hub as train.py meets it, in a process where nothing imported huggingface_hub's submodules."""
     env = dict(os.environ, HF_TOKEN="hf_test", HF_HUB_OFFLINE="1")
     for repo_id, code, expected in (("me/tiny-ft", 0, ""), ("not a repo", 2, "not a repo id of the form owner/name")):
-        done = subprocess.run([sys.executable, "-c", f"import report; report.check_hub({repo_id!r})"], cwd=ROOT,
-                              env=env, capture_output=True, text=True)
+        check = f"import cli, report\ntry:\n    report.check_hub({repo_id!r})\nexcept cli.UserError as e:\n    cli.fail(str(e))"
+        done = subprocess.run([sys.executable, "-c", check], cwd=ROOT, env=env, capture_output=True, text=True)
         assert done.returncode == code and expected in done.stderr and "Traceback" not in done.stderr, done.stderr
 
 

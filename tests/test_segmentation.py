@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 from pycocotools import mask as coco_rle
 
-import data
-from data import coco_mask
+import convert
+from convert import coco_mask
 from detections import parse_detections
 from test_vqvae import vae_npz
 from vqvae import VQVAE
@@ -88,7 +88,7 @@ def test_coco_export_to_jsonl(vae, tmp_path, capsys):
         (tmp_path / name).rename(tmp_path / "export" / name)
     np.savez(tmp_path / "vae.npz", **{k: v.detach().numpy() for k, v in vae.state_dict().items()})
     coco = str(tmp_path / "export" / "_annotations.coco.json")
-    data.main(["--coco", coco, "--vae", str(tmp_path / "vae.npz"), "--out", str(tmp_path / "train.jsonl")])
+    convert.main(["coco-segment", coco, "--vae", str(tmp_path / "vae.npz"), "--out", str(tmp_path / "train.jsonl")])
     # boxes 0.3 pixels wide or outside the image are skipped, and counted
     assert "2 instance(s) skipped, their boxes hold no whole pixel" in capsys.readouterr().out
     lines = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
@@ -108,10 +108,10 @@ def test_coco_export_to_jsonl(vae, tmp_path, capsys):
     before = (tmp_path / "train.jsonl").read_text()
     for out, expected in ((coco, "is the COCO export itself"), (str(tmp_path / "train.jsonl"), "exists")):
         with pytest.raises(SystemExit) as stopped:
-            data.main(["--coco", coco, "--vae", str(tmp_path / "vae.npz"), "--out", out])
+            convert.main(["coco-segment", coco, "--vae", str(tmp_path / "vae.npz"), "--out", out])
         assert stopped.value.code == 2 and expected in capsys.readouterr().err
     assert (tmp_path / "train.jsonl").read_text() == before and json.loads(Path(coco).read_text())["images"]
-    data.main(["--coco", coco, "--vae", str(tmp_path / "vae.npz"), "--out", str(tmp_path / "train.jsonl"),
+    convert.main(["coco-segment", coco, "--vae", str(tmp_path / "vae.npz"), "--out", str(tmp_path / "train.jsonl"),
                     "--overwrite"])
     assert (tmp_path / "train.jsonl").read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("train")) == ["train.jsonl"]

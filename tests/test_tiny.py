@@ -123,7 +123,7 @@ def test_segmentation_quick_start(tmp_path):
     data = tmp_path / "seg"
     shapes.main(["--out", str(data), "--coco", "--train", "16", "--valid", "4"])
     for split in ("train", "valid"):
-        r = subprocess.run([sys.executable, ROOT / "data.py", "--coco", data / split / "_annotations.coco.json",
+        r = subprocess.run([sys.executable, ROOT / "convert.py", "coco-segment", data / split / "_annotations.coco.json",
                             "--vae", ROOT / "tiny" / "vae-tiny.npz"], capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr
     example = (data / "train" / "annotations.jsonl").read_text().splitlines()[0]

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import answers
 import train
 from conftest import hf_model, hf_processor, make_dataset, random_images
 from paligemma import PaliGemma, SuffixLossSum, count_targets
@@ -154,7 +155,7 @@ def test_evaluation_answers_the_prompt_alone(mqa_checkpoint, data, monkeypatch):
     monkeypatch.setattr(model, "generate",
                         lambda input_ids, *a, **k: seen.append(input_ids) or generate(input_ids, *a, **k))
 
-    metrics, shown = train.evaluate(model, processor, examples, batch_size=4, max_len=16, max_new_tokens=16,
+    metrics, shown = answers.evaluate(model, processor, examples, batch_size=4, max_len=16, max_new_tokens=16,
                                     device=torch.device("cpu"), autocast=torch.autocast("cpu", enabled=False))
     prompts = processor([load_image(e["image"]) for e in examples], [e["prefix"] for e in examples])
     assert len(seen) == 1 and torch.equal(seen[0], prompts["input_ids"])
@@ -194,3 +195,36 @@ def test_float16_overflow_skips_the_step(run_train, mqa_checkpoint, tmp_path, mo
     a, b = state(mqa_checkpoint), state(out)
     # Both steps skipped: the attention weights (trained in float32) are still the checkpoint's, unrounded.
     assert all(torch.equal(a[k], b[k]) for k in a if is_attention(k))
+
+
+def test_every_option_has_one_resume_policy():
+    """Each of train.py's options is in exactly one of the lists that say what --resume does with it."""
+    options = {a.dest for a in train.options()._actions if a.dest != "help"}
+    lists = (train.RESUME_MUST_MATCH, train.RESUME_MAY_CHANGE, train.RESUME_NOT_KEPT)
+    assert {name: sum(name in listed for listed in lists) for name in options} == dict.fromkeys(options, 1)
+    assert set().union(*lists) == options
+
+
+def test_grad_checkpointing_gives_the_same_step(mqa_checkpoint, run_train, tmp_path):
+    """Decoder layers recomputed in backward: the same loss and gradients as without, and so the same
+    weights after a step of train.py."""
+    from run import training_module
+    batch = Processor.from_pretrained(mqa_checkpoint)(random_images(3), ["caption en", "detect square", "ocr"],
+                                                      ["a red circle", "<loc0100><loc0200><loc0700><loc0900> square",
+                                                       "12"])
+    results = []
+    for checkpointing in (False, True):
+        model = PaliGemma.from_pretrained(mqa_checkpoint).train()
+        module = training_module(SuffixLossSum(model), checkpointing, ddp=False, compile=False)
+        loss = module(**batch)
+        loss.backward()
+        results.append((loss.item(), {n: p.grad for n, p in model.named_parameters()}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    worst = max((grads_a[n] - grads_b[n]).abs().max().item() for n in grads_a)
+    print(f"--grad-checkpointing: loss {loss_a:.7f} vs {loss_b:.7f}, gradients at most {worst:.1e} apart")
+    assert abs(loss_a - loss_b) <= 1e-6 and worst <= 1e-6
+    plain = run_train(tmp_path / "plain", "--steps", "1", "--lr", "1e-2", "--eval-every", "0")
+    checkpointed = run_train(tmp_path / "ckpt", "--steps", "1", "--lr", "1e-2", "--eval-every", "0",
+                             "--grad-checkpointing")
+    a, b = state(plain), state(checkpointed)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from checkpoint import write_atomically
+from files import write_atomically
 from cli import number
 from tiny import shapes
 from vqvae import VQVAE, architecture

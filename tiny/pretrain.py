@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import train
-from checkpoint import write_atomically
+from files import write_atomically
 from cli import number
 from paligemma import PaliGemma, official_state_dict, read_config
 from tiny import shapes

@@ -17,7 +17,7 @@ it, in a task PaliGemma knows:
 `--detect star` asks detect questions about stars alone (in scenes that hold one), for fine-tuning a
 model to detect a shape that its pretraining never asked about. `--coco` writes the scenes as a COCO
 instance-segmentation export instead (OUT/train/ and OUT/valid/, as Roboflow lays it out), which
-`python data.py --coco` turns into `segment <shape>` examples.
+`python convert.py coco-segment` turns into `segment <shape>` examples.
 
 Boxes are y_min, x_min, y_max, x_max in 1024ths of the image, as PaliGemma writes them. The files
 are `_annotations.train.jsonl` and `_annotations.valid.jsonl` (Roboflow's names, which train.py finds)
@@ -166,7 +166,7 @@ def main(argv=None):
     p.add_argument("--valid", type=number(int, 0), default=100, help="validation examples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--coco", action="store_true", help="write a COCO segmentation export (OUT/train/, OUT/valid/) "
-                   "instead of JSONL; data.py --coco turns it into segment examples")
+                   "instead of JSONL; convert.py coco-segment turns it into segment examples")
     p.add_argument("--overwrite", action="store_true", help="write into an --out that holds files already")
     args = p.parse_args(argv)
     if args.out.exists() and not args.out.is_dir():
