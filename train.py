@@ -461,11 +461,11 @@ def options() -> argparse.ArgumentParser:
 # command line alone: where and how this process runs, evaluates, reports and shares.
 RESUME_MUST_MATCH = ("trainable", "optimizer", "lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "rslora",
                      "fsdp", "quantize", "batch_size", "grad_accum", "no_final_softcap")
-RESUME_MAY_CHANGE = ("lr", "weight_decay", "warmup", "clip", "max_len", "seed", "steps", "data")
+RESUME_MAY_CHANGE = ("lr", "weight_decay", "warmup", "clip", "max_len", "seed", "steps", "data", "shuffle_objects")
 RESUME_NOT_KEPT = ("val", "model", "out", "resume", "overwrite", "merge", "epochs", "skip_bad", "max_image_pixels",
                    "grad_checkpointing", "compile", "device", "dtype", "log_every", "eval_every", "eval_examples",
                    "eval_max_new_tokens", "vae", "no_constrain", "repeat_iou", "save_every", "tensorboard", "wandb",
-                   "push_to_hub", "hub_private", "shuffle_objects")
+                   "push_to_hub", "hub_private")
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, set[str]]:

@@ -3,6 +3,8 @@ malformed; constrained generation yields parseable answers; a repeated object en
 can shuffle the objects and still resume bit for bit; evaluation draws its predictions."""
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import stopped_then_resumed
+from conftest import make_dataset, stopped_then_resumed
 from detections import (AnswerConstraint, AnswerGrammar, AnswerTokens, answer_problems, loc_tokens, parse_detections,
                         segment_tokens)
 from drawing import evaluation_picture
@@ -168,6 +170,31 @@ def test_shuffled_objects_resume_bit_for_bit(run_train, mqa_checkpoint, tmp_path
     stopped_then_resumed(run_train, monkeypatch, tmp_path / "resumed", *args, step=3)
     a, b = (PaliGemma.from_pretrained(f).state_dict() for f in (straight, tmp_path / "resumed"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_shuffle_objects_is_kept_on_resume(run_train, tmp_path, monkeypatch):
+    """--resume without --shuffle-objects keeps shuffling, as the run did: the same weights as a run never
+    stopped (on answers of several objects, whose order changes the loss)."""
+    data = make_dataset(tmp_path / "many", 16, "many.jsonl")
+    lines = [json.loads(line) for line in data.read_text().splitlines()]
+    for record in lines:
+        if record["prefix"].startswith("detect"):
+            record["suffix"] = f"{BOX} square ; <loc0500><loc0100><loc0900><loc0400> square ; {BOX} square"
+    data.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    args = ["--steps", "6", "--lr", "1e-2", "--eval-every", "0", "--batch-size", "8"]
+    straight = run_train(tmp_path / "straight", *args, "--shuffle-objects", data=data)
+    unshuffled = run_train(tmp_path / "unshuffled", *args, data=data)
+    import train
+    monkeypatch.setattr(train, "log", lambda *a, **k: os.kill(os.getpid(), signal.SIGINT)
+                        if str(a[0]).startswith("step 3/") else None)
+    with pytest.raises(SystemExit):
+        run_train(tmp_path / "resumed", *args, "--shuffle-objects", data=data)
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "resumed" / "train_state.pt")["options"]["shuffle_objects"] is True
+    run_train(tmp_path / "resumed", *args, "--resume", data=data)  # without --shuffle-objects
+    a, b, c = (PaliGemma.from_pretrained(f).state_dict() for f in (straight, tmp_path / "resumed", unshuffled))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)  # shuffling changes the weights: the test can fail
 
 
 def test_the_evaluation_picture(run_train, tmp_path, capsys):
