@@ -20,36 +20,40 @@ from pathlib import Path
 import torch
 
 from detections import AnswerConstraint, AnswerTokens
+import metrics
 from lora import adapter_base, load_adapter
-from metrics import score_answers
+from nf4 import dequantize_linears
 from paligemma import PaliGemma, SuffixLossSum, count_targets
 from processor import Processor, load_image
+from quantize import describe
 
 
 def load_model(model: str, adapter: str | None, dtype, device, quantize: str | None = None
                ) -> tuple[PaliGemma, Processor]:
     """A checkpoint (a folder or a hub id) on `device`, with `adapter` (a LoRA adapter folder in PEFT's
     format) applied; a folder holding an adapter as `model` loads its base, which the adapter records.
-    quantize "nf4": every linear layer's weight in 4 bits. Says what it loaded on stderr."""
+    quantize: int8 or int4, the decoder's weights for fast decoding (quantize.py); nf4, the weights a QLoRA
+    adapter was trained against: read in 4 bits, then dequantized once to `dtype` (decoding at its speed,
+    never dequantizing at every token). Says what it loaded on stderr."""
     start = time.perf_counter()
     if adapter is None and (Path(model) / "adapter_config.json").is_file():
         adapter, model = model, adapter_base(model)
-    base = model
-    loaded = PaliGemma.from_pretrained(base, dtype=dtype, device=device,
-                                       quantize=(lambda layer: True) if quantize else None)
-    processor = Processor.from_pretrained(base)
+    loaded = PaliGemma.from_pretrained(model, dtype=dtype, device=device, quantize=quantize)
+    processor = Processor.from_pretrained(model)
     if adapter:
         load_adapter(loaded, adapter)
-    print(f"loaded {base}" + (f" with the adapter {adapter}" if adapter else "")
-          + f" ({dtype}{', linear layers in NF4' if quantize else ''}, {device}) in "
-          f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
+    formats = describe(loaded)
+    if quantize == "nf4":
+        formats = f"{dequantize_linears(loaded)} layers read in nf4 and dequantized once to {dtype}"
+    print(f"loaded {model}" + (f" with the adapter {adapter}" if adapter else "")
+          + f" ({formats}; {device}) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return loaded, processor
 
 
 @dataclass
 class Answer:
     text: str
-    at_limit: bool  # generation stopped at max_new_tokens, not at <eos>
+    at_limit: bool  # max_new_tokens ended it: no <eos>, or under the grammar an <eos> the limit forced
     cut: bool  # the grammar ended it before an object that repeated an earlier one
 
 
@@ -70,8 +74,9 @@ def answer_batch(model: PaliGemma, processor: Processor, images: list, prefixes:
     answers = []
     for r, ids in enumerate(new.tolist()):
         text = grammar.answer(r, ids, processor.decode) if grammar else processor.decode(ids)
-        cut = bool(grammar) and grammar.rows[r] is not None and grammar.rows[r].cut is not None
-        answers.append(Answer(text, at_limit[r], cut))
+        row = grammar.rows[r] if grammar else None  # a detect or segment answer's grammar
+        # under the grammar an answer always ends with <eos>: it knows when the limit ended it
+        answers.append(Answer(text, at_limit[r] or bool(row and row.at_limit), bool(row and row.cut is not None)))
     return answers
 
 
@@ -79,9 +84,9 @@ def answer_batch(model: PaliGemma, processor: Processor, images: list, prefixes:
 def evaluate(model: PaliGemma, processor: Processor, examples: list[dict], batch_size: int, max_len: int,
              max_new_tokens: int, device, autocast, vae=None, constrain: bool = True, repeat_iou: float = 0.9,
              stop=lambda: False) -> tuple[dict | None, list[tuple]]:
-    """The validation loss, and greedy answers to the prompts alone scored by metrics.score_answers.
-    Returns the metrics (None when `stop()` said to stop) and the first 16 examples as (image, prefix,
-    answer, target)."""
+    """train.py's evaluation: the validation loss, and greedy answers to the prompts alone scored by their
+    tasks (metrics.score), as "task/metric" numbers. Returns the metrics (None when `stop()` said to stop)
+    and the first 16 examples as (image, prefix, answer, target)."""
     model.eval()
     loss_sum, n_targets, at_limit, cut, rows, shown = 0.0, 0, 0, 0, [], []
     for i in range(0, len(examples), batch_size):
@@ -99,9 +104,12 @@ def evaluate(model: PaliGemma, processor: Processor, examples: list[dict], batch
                                repeat_iou, pixels)
         at_limit += sum(a.at_limit for a in answers)
         cut += sum(a.cut for a in answers)
-        rows += [(e["prefix"], a.text, e["suffix"], image.size) for e, image, a in zip(chunk, images, answers)]
+        rows += [metrics.Row(e["prefix"], a.text, e["references"], image.size)
+                 for e, image, a in zip(chunk, images, answers)]
         shown += [(image, e["prefix"], a.text, e["suffix"]) for e, image, a in zip(chunk, images, answers)]
         del shown[16:]
     model.train()
-    metrics = dict(val_loss=loss_sum / max(n_targets, 1), answers_at_token_limit=at_limit) | score_answers(rows, vae)
-    return metrics | ({"repeated_objects_cut": cut} if constrain and "map50" in metrics else {}), shown
+    summary, _ = metrics.score(rows, vae)
+    grammar = constrain and ("detect" in summary or "segment" in summary)
+    return (dict(val_loss=loss_sum / max(n_targets, 1), answers_at_token_limit=at_limit)
+            | ({"repeated_objects_cut": cut} if grammar else {}) | metrics.flat(summary)), shown

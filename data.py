@@ -1,8 +1,10 @@
 """Training data: JSONL files read and checked, and batches made of them.
 
     {"image": "relative/to/the/jsonl.jpg", "prefix": "answer en what colour is the car?", "suffix": "red"}
+    {"image": "b.jpg", "prefix": "caption en", "suffix": "a dog", "answers": ["a dog", "a brown dog", ...]}
 
-One example per line: the format of Roboflow's PaliGemma export and of big_vision. `read_jsonl` checks
+One example per line: the format of Roboflow's PaliGemma export and of big_vision; "answers", where a
+line has them, are the references its answer is scored against (else the suffix is). `read_jsonl` checks
 every line (and decodes its image) before training starts, naming the file and line of what is wrong;
 `micro_batches` orders the examples, reproducibly for --resume and alike for any number of processes;
 `collate` turns examples into tensors with the Processor, in the DataLoader's worker processes.
@@ -28,14 +30,16 @@ from PIL import Image
 
 from cli import UserError, log
 from detections import prompt_names
-from processor import MAX_PIXELS, Processor, load_image
+from processor import MAX_PIXELS, Processor, load_image, prompt_problem
 
 LARGE_IMAGE = 4096 * 4096  # pixels; such images are decoded one at a time when the data is checked
 _one_large_image = threading.Lock()
 
 
 def parse_line(path: Path, line_no: int, raw: bytes) -> tuple[dict | None, str | None]:
-    """One JSONL line -> (its record, None) or (None, "file:line: what is wrong")."""
+    """One JSONL line -> (its record, None) or (None, "file:line: what is wrong"). "answers", a list of
+    strings, may stand beside the suffix (or instead of it, in a file only scored): the references a
+    scored answer is compared with (VQAv2's ten human answers, COCO's five captions)."""
     where = f"{path}:{line_no}"
     try:
         record = json.loads(raw.decode("utf-8-sig" if line_no == 1 else "utf-8"))  # a BOM may open the file
@@ -47,14 +51,21 @@ def parse_line(path: Path, line_no: int, raw: bytes) -> tuple[dict | None, str |
         return None, f"{where}: nested too deeply to be an example"
     if not isinstance(record, dict):
         return None, f"{where}: expected a JSON object with image, prefix and suffix"
-    missing = [k for k in ("image", "prefix", "suffix") if not isinstance(record.get(k), str)]
+    answers = record.get("answers")
+    if answers is not None and (not isinstance(answers, list) or not answers
+                                or not all(isinstance(a, str) for a in answers)):
+        return None, f"{where}: answers must be a list of one or more strings (the references of the answer)"
+    missing = [k for k in ("image", "prefix", "suffix") if not isinstance(record.get(k), str)
+               and not (k == "suffix" and answers and "suffix" not in record)]
     if missing:
         return None, f"{where}: missing or not a string: {', '.join(missing)}"
-    for key in ("image", "prefix", "suffix"):
+    texts = {k: record[k] for k in ("image", "prefix", "suffix") if k in record} | dict(enumerate(answers or []))
+    for key, text in texts.items():
         try:
-            record[key].encode("utf-8")
+            text.encode("utf-8")
         except UnicodeEncodeError as e:  # a valid JSON escape of no character, e.g. "\\ud800" alone
-            return None, f"{where}: {key} holds {record[key][e.start]!r}, half of a UTF-16 pair: not text"
+            what = key if isinstance(key, str) else f"answers[{key}]"
+            return None, f"{where}: {what} holds {text[e.start]!r}, half of a UTF-16 pair: not text"
     return record, None
 
 
@@ -106,9 +117,10 @@ def read_jsonl(path: Path, skip_bad: bool, check=None, max_pixels: int = MAX_PIX
     bad_image = check_images(images, max_pixels, path)
     examples, errors = [], []
     for n, record, error in parsed:
-        example = record and dict(image=path.parent / record["image"], prefix=record["prefix"],
-                                  suffix=record["suffix"])
-        why = error or bad_image[example["image"]] or (check(example) if check else None)
+        example = record and dict(line=n, image=path.parent / record["image"], prefix=record["prefix"],
+                                  suffix=record.get("suffix"), references=record.get("answers") or [record["suffix"]])
+        why = error or bad_image[example["image"]] or prompt_problem(example["prefix"]) \
+            or (check(example) if check else None)
         errors += [why if error else f"{path}:{n}: {why}"] if why else []
         examples += [] if why else [example]
     if errors and not skip_bad:
@@ -124,12 +136,20 @@ def read_jsonl(path: Path, skip_bad: bool, check=None, max_pixels: int = MAX_PIX
 def read_datasets(train_file: Path, val_file: Path | None, processor: Processor, max_len: int, skip_bad: bool,
                   val_examples: int, max_pixels: int = MAX_PIXELS) -> tuple[list[dict], list[dict]]:
     """The training examples and the first `val_examples` of the validation file (none without one), every
-    line checked, each prompt with room in `max_len` text tokens for its answer."""
+    line checked, each prompt with room in `max_len` text tokens for its answer. A training line needs a
+    suffix; a validation line without one is scored against its answers, and its loss taken on the
+    first."""
     def room_for_answer(example):
         n = len(processor.text_tokens(example["prefix"])[0])
         return f"the prompt is {n} tokens: --max-len {max_len} leaves no room for the answer" if n >= max_len else None
-    train_set = read_jsonl(train_file, skip_bad, room_for_answer, max_pixels)
+
+    def learnable(example):
+        return "no suffix: training needs the answer to learn (answers alone only score)" \
+            if example["suffix"] is None else room_for_answer(example)
+    train_set = read_jsonl(train_file, skip_bad, learnable, max_pixels)
     val_set = read_jsonl(val_file, skip_bad, room_for_answer, max_pixels)[:val_examples] if val_file else []
+    for e in val_set:
+        e["suffix"] = e["suffix"] if e["suffix"] is not None else e["references"][0]
     log(f"data: {len(train_set)} training examples from {train_file}; "
         + (f"{len(val_set)} validation examples from {val_file}" if val_file else "no validation file"))
     truncated = sum(len(processor.text_tokens(e["prefix"], e["suffix"])[0]) > max_len for e in train_set)
@@ -205,11 +225,15 @@ def ignore_signals(worker_id: int):
         signal.signal(sig, signal.SIG_IGN)
 
 
-def training_loader(examples: Draws, processor: Processor, max_len: int, batches: list[list[tuple[int, int]]]):
-    """The micro-batches (lists of micro_batches' (index, epoch) pairs), collated in worker processes."""
+def training_loader(examples: Draws, processor: Processor, max_len: int, batches: list[list[tuple[int, int]]],
+                    seed: int):
+    """The micro-batches (lists of micro_batches' (index, epoch) pairs), collated in worker processes. The
+    loader draws its workers' seeds from a generator of its own, not from torch's, so that dropout's
+    draws in the training step are the same in a resumed run."""
     return torch.utils.data.DataLoader(
         examples, batch_sampler=batches, collate_fn=functools.partial(collate, processor=processor, max_len=max_len),
-        num_workers=min(4, os.cpu_count() or 1), worker_init_fn=ignore_signals)
+        num_workers=min(4, os.cpu_count() or 1), worker_init_fn=ignore_signals,
+        generator=torch.Generator().manual_seed(seed))
 
 
 def batches_until_closed(loader):

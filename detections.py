@@ -19,6 +19,7 @@ the model.
 """
 
 import re
+import unicodedata
 from typing import NamedTuple
 
 import numpy as np
@@ -102,6 +103,20 @@ def segment_tokens(mask: np.ndarray, box, vae) -> str | None:
 TASKS = ("caption", "answer", "question", "ocr", "detect", "segment", "other")
 
 
+def name_problem(name: str) -> str | None:
+    """Why a class name cannot be asked for in a detect or segment prompt (its answer writes the name
+    after each box), or None: the one rule for names, in prompts, data and converted datasets."""
+    if not name.strip():
+        return "it is empty"
+    if ";" in name:
+        return "it holds ';', which separates the names of a prompt and the objects of an answer"
+    if "<" in name or ">" in name:
+        return "it holds '<' or '>': answers write their <loc> and <seg> tokens so, and a name is read up to a '<'"
+    if any(unicodedata.category(c).startswith("C") for c in name):
+        return "it holds a control character (a tab, a newline)"
+    return None
+
+
 def prompt_task(prefix: str) -> str:
     """caption ("caption en", "describe en"), answer ("answer en <question>"), question ("question en
     <answer>": question generation), ocr, detect and segment (with at least one class name: "detect cat ;
@@ -169,9 +184,15 @@ class Trie:
             node.ends = name
 
     def finish(self, object_need: int) -> int:
-        """Sets `need` below this node; object_need: the tokens of a whole object with its name and <eos>."""
-        needs = [1 + child.finish(object_need) for child in self.children.values()]
-        self.need = min(needs + [1] * (self.ends is not None) + [object_need] * (self.more is not None))
+        """Sets `need` at every node below this one, deepest first (a loop, not a call per token: a name
+        may be hundreds of tokens long); object_need: the tokens of a whole object with its name and <eos>."""
+        order, stack = [], [self]
+        while stack:  # parents before children; `need` is then set in the reverse order
+            order.append(node := stack.pop())
+            stack.extend(node.children.values())
+        for node in reversed(order):
+            needs = [1 + child.need for child in node.children.values()]
+            node.need = min(needs + [1] * (node.ends is not None) + [object_need] * (node.more is not None))
         return self.need
 
 
@@ -182,6 +203,8 @@ class AnswerGrammar:
     IoU >= max_iou) ends the answer, which is cut before it (`cut`, a token index)."""
 
     def __init__(self, names: list[str], segment: bool, tokens: AnswerTokens, max_iou: float = 0.9):
+        if problem := next((f"class name {n!r}: {why}" for n in names if (why := name_problem(n))), None):
+            raise ValueError(problem)
         self.tokens, self.segs, self.max_iou = tokens, 16 if segment else 0, max_iou
         self.trie = Trie()
         for name in names:
@@ -191,12 +214,16 @@ class AnswerGrammar:
         self.object_need = 4 + self.segs + shortest
         self.trie.finish(self.object_need)
         self.phase, self.box, self.node, self.left, self.objects = "start", [], None, 0, []
-        self.n, self.object_start, self.cut = 0, 0, None
+        self.n, self.object_start, self.cut, self.squeezed, self.at_limit = 0, 0, None, False, False
 
     def allowed(self, remaining: int) -> list:
-        """The tokens that may come next, with `remaining` tokens left: ids, and arrays of ids."""
+        """The tokens that may come next, with `remaining` tokens left: ids, and arrays of ids. Where the
+        limit leaves out a token that would otherwise be allowed, `squeezed` says so: an answer that then
+        ends was ended by the token limit (`at_limit`), however finished it looks."""
         eos, loc = [self.tokens.eos], self.tokens.loc
-        box_start = [loc[:1023]] if self.object_need <= remaining else []  # y1 < 1023 leaves room for y2
+        room = self.object_need <= remaining  # a whole object still fits
+        box_start = [loc[:1023]] if room else []  # y1 < 1023 leaves room for y2
+        self.squeezed = not room and self.phase in ("start", "more")
         if self.phase in ("start", "more"):
             return (eos if self.phase == "start" else []) + box_start
         if self.phase == "loc":
@@ -206,12 +233,14 @@ class AnswerGrammar:
             return [self.tokens.seg]
         if self.phase == "label":
             fits = [t for t, child in self.node.children.items() if 1 + child.need <= remaining]
+            self.squeezed = len(fits) < len(self.node.children) or (self.node.more is not None and not room)
             return fits + eos * (self.node.ends is not None) + (box_start if self.node.more else [])
         return eos  # "cut": the answer ends
 
     def advance(self, token: int):
         self.n += 1
         if token == self.tokens.eos:
+            self.at_limit = self.squeezed
             if self.phase == "label":
                 self.complete(self.node.ends)
             self.phase = "done"
@@ -262,6 +291,8 @@ class AnswerConstraint:
                 self.mask[i] = False
                 for ids in row.allowed(remaining):
                     self.mask[i, ids] = True
+                if not self.mask[i].any():  # never a row with no token to take: it ends
+                    self.mask[i, row.tokens.eos] = True
             else:
                 self.mask[i] = True
         return self.mask

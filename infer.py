@@ -28,7 +28,8 @@ from cli import (DefaultsFormatter, UserError, add_answer_options, add_device_op
 from detections import SEG, AnswerConstraint, AnswerTokens, parse_detections
 from drawing import draw_detections
 from files import write_atomically
-from processor import load_image
+from processor import load_image, prompt_problem
+from quantize import FORMATS
 from vqvae import VQVAE
 
 
@@ -78,8 +79,8 @@ def options() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     add_answer_options(p)
     add_device_options(p)
-    add_quantize_option(p, ["nf4"], "hold the linear layers' weights in 4 bits (NF4): about a third of "
-                        "bfloat16's memory, for small GPUs")
+    add_quantize_option(p, list(FORMATS), "int8 or int4: the decoder's weights in 8 or 4 bits, for faster "
+                        "decoding (quantize.py); nf4: a QLoRA run's base as it was trained, dequantized once")
     p.add_argument("--out", default=None, help="image file to draw the boxes and masks of the answer on (with several "
                    "images, _0, _1, ... are added)")
     p.add_argument("--overwrite", action="store_true", help="replace an --out image that exists")
@@ -113,6 +114,8 @@ def main(argv=None):
     if len(args.prompt) not in (1, len(args.image)):
         fail(f"{len(args.prompt)} prompts for {len(args.image)} images: give one prompt, or one per image")
     prompts = args.prompt * len(args.image) if len(args.prompt) == 1 else args.prompt
+    if why := next((f"--prompt {p!r}: {problem}" for p in prompts if (problem := prompt_problem(p))), None):
+        fail(why)
     out_paths = output_paths(args.out, args.image, args.overwrite) if args.out else []
     if args.vae and not Path(args.vae).is_file():
         fail(f"--vae {args.vae}: no such file (a VQ-VAE npz such as vae-oid.npz)")

@@ -24,7 +24,7 @@ import sentencepiece
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from detections import LOC, SEG
+from detections import LOC, SEG, name_problem, prompt_names
 from paligemma import read_config, resolve_checkpoint
 
 
@@ -69,6 +69,19 @@ def load_image(path, max_pixels: int = MAX_PIXELS) -> Image.Image:
         raise ValueError(f"{path}: cannot be decoded as an image ({e})") from None
     except ValueError as e:
         raise ValueError(str(e) if str(e).startswith(str(path)) else f"{path}: cannot be decoded ({e})") from None
+
+
+def prompt_problem(prefix: str) -> str | None:
+    """Why a prompt cannot be given to the model, or None: one that writes the image's place itself
+    ("<image>caption en", as transformers' documentation writes prompts: the processor places the image
+    tokens, and here "<image>" would be read as text), or a detect or segment prompt with a class name that
+    its answers cannot write (detections.name_problem)."""
+    if "<image>" in prefix:
+        return "it holds <image>: the image's tokens are placed before every prompt; give the prompt without it"
+    for name in (prompt_names(prefix) or (False, []))[1]:
+        if why := name_problem(name):
+            return f"the class name {name!r}: {why}"
+    return None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -197,6 +210,9 @@ class Processor:
         """The prompts (and answers) of a batch, each after its image's tokens, left-padded: input_ids,
         attention_mask, token_type_ids (B, T), and labels (B, T) when suffixes are given. With `max_len`,
         text tokens past max_len are cut (the end of the suffix goes first); image tokens are not counted."""
+        for prefix in prefixes:
+            if why := prompt_problem(prefix):
+                raise ValueError(f"prompt {prefix!r}: {why}")
         image_ids = [self.tokenizer.image_token_id] * self.num_image_tokens
         rows = []  # (ids, token types)
         for i, prefix in enumerate(prefixes):

@@ -17,6 +17,7 @@ only process 0 reports. What it is not: the training loop (train.py) or the chec
 import argparse
 import json
 import re
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,8 +30,9 @@ from drawing import evaluation_picture
 from files import write_atomically, write_text
 from metrics import format_scores
 
-PANELS = ("loss", "val_loss", "exact_match", "map50", "map50_95", "mask_iou", "repeated_boxes",
-          "malformed_answers")  # metrics.png: each that the run has, in this order
+PANELS = ("loss", "val_loss")  # metrics.png: these, then each task's metrics of PANEL_METRICS that the run has
+PANEL_METRICS = ("cider", "bleu4", "vqa_accuracy", "anls", "cer", "exact_match", "map50", "map50_95", "miou",
+                 "mask_iou", "repeated_boxes", "malformed_answers")
 
 
 @dataclass
@@ -49,7 +51,7 @@ class Progress:
         """The line, and its numbers for the reports."""
         now = time.perf_counter()
         per_step = (now - self.t_log) / (done - self.logged_step)
-        memory = f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else ""
+        memory = f", peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else ""
         minutes_left = (self.steps - done) * (now - self.t_start) / (done - self.start) / 60
         speed = self.tokens / (now - self.t_log)
         text = (f"step {done}/{self.steps}: loss {loss:.4f}, lr {lr:.2e}, {speed:.0f} tok/s, "
@@ -68,16 +70,25 @@ def require(module: str, option: str, package: str):
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """The lines of a metrics.jsonl; a last line cut short (a kill or a full disk mid-write) is dropped, and said."""
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines() if path.exists() else []
+    """The lines of a metrics.jsonl, each a JSON object with its step; a last line cut short (a kill or a
+    full disk mid-write) is dropped, and said."""
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines() if path.exists() else []
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read ({e.strerror or e})") from None
     entries = []
     for n, line in enumerate(lines, 1):
         try:
-            entries.append(json.loads(line))
+            entry = json.loads(line)
         except json.JSONDecodeError:
             if n < len(lines):
-                raise UserError(f"{path}:{n}: not valid JSON; it is not a metrics file written by train.py")
+                raise UserError(f"{path}:{n}: not valid JSON; it is not a metrics file written by train.py") from None
             log(f"{path}:{n}: its last line was cut short (a kill or a full disk while writing it); dropped")
+            continue
+        if not isinstance(entry, dict) or not isinstance(entry.get("step"), int) or isinstance(entry["step"], bool):
+            raise UserError(f"{path}:{n}: not a JSON object with a step; it is not a metrics file written by "
+                            "train.py")
+        entries.append(entry)
     return entries
 
 
@@ -118,7 +129,8 @@ class Reporter:
             raise UserError(f"cannot write {self.metrics_file} ({e.strerror or e}); the last checkpoint in {self.out}, if any, "
                  "is intact")
         scalars = {k: v for k, v in entry.items() if isinstance(v, (int, float))}
-        scalars |= {f"AP@50:95/{label}": ap for label, ap in entry.get("ap50_95", {}).items()}
+        scalars |= {f"{key.removesuffix('ap50_95')}AP@50:95/{label}": ap for key, per_label in entry.items()
+                    if key.endswith("/ap50_95") and isinstance(per_label, dict) for label, ap in per_label.items()}
         if self.tensorboard:
             for name, value in scalars.items():
                 self.tensorboard.add_scalar(name, value, step)
@@ -133,11 +145,15 @@ class Reporter:
             self.plot()
 
     def evaluation(self, step: int, metrics: dict, shown: list[tuple], vae=None):
-        """An evaluation: its picture in OUT/eval/step-N.jpg (infer.evaluation_picture), its scores and three
+        """An evaluation: its picture in OUT/eval/step-N.jpg (drawing.evaluation_picture), its scores and three
         answers printed, its numbers written."""
         picture = self.out / "eval" / f"step-{step}.jpg"
-        picture.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(picture, lambda tmp: evaluation_picture(shown, vae).save(tmp, format="JPEG", quality=90))
+        try:
+            picture.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(picture, lambda tmp: evaluation_picture(shown, vae).save(tmp, format="JPEG", quality=90))
+        except OSError as e:
+            raise UserError(f"cannot write {picture} ({e.strerror or e}); the last checkpoint in {self.out}, if "
+                            "any, is intact") from None
         examples = [f"  {prefix!r} -> {answer.strip()!r} (target {target!r})" for _, prefix, answer, target
                     in shown[:3]]
         log(f"eval step {step}: {format_scores(metrics)}", f"  picture: {picture}", *examples, sep="\n")
@@ -154,6 +170,9 @@ class Reporter:
         """OUT/metrics.png, redrawn from metrics.jsonl; without matplotlib, one line once saying how to get it."""
         try:
             plot_metrics(self.metrics_file, self.out / "metrics.png")
+        except OSError as e:
+            raise UserError(f"cannot write {self.out / 'metrics.png'} ({e.strerror or e}); the last checkpoint in "
+                            f"{self.out}, if any, is intact") from None
         except ImportError:
             if not self.plot_missing:
                 log("metrics.png is not drawn: pip install matplotlib (then python report.py OUT draws it)")
@@ -175,13 +194,16 @@ def image_array(path: Path):
 
 
 def plot_metrics(metrics_file: Path, png: Path) -> int:
-    """One panel per metric of PANELS that the run has, against the step; returns the number of panels."""
+    """One panel per metric of PANELS and per task's metric of PANEL_METRICS that the run has, against the
+    step; returns the number of panels."""
     import matplotlib
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
     entries = read_metrics(metrics_file)
-    panels = [name for name in PANELS if any(name in e for e in entries)]
+    keys = dict.fromkeys(k for e in entries for k in e)
+    panels = [name for name in PANELS if name in keys]
+    panels += [name for name in keys if name.rpartition("/")[2] in PANEL_METRICS and "/" in name]
     if not panels:
         return 0
     figure, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 2.8), squeeze=False)
@@ -199,6 +221,11 @@ def plot_metrics(metrics_file: Path, png: Path) -> int:
 
 # ----------------------------------------------------------------------------------------------
 # The model card, and the upload
+
+
+def cell(text: str) -> str:
+    """Text in a cell of a Markdown table: its pipes escaped, so that the row keeps its columns."""
+    return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
 
 
 def model_card(base_model: str, adapter: bool, run: dict, scores: dict | None) -> str:
@@ -223,11 +250,13 @@ def model_card(base_model: str, adapter: bool, run: dict, scores: dict | None) -
     if scores:
         numbers = {k: v for k, v in scores.items() if isinstance(v, (int, float)) and k != "step"}
         lines += [f"## Scores at step {scores.get('step')}", "", "| metric | value |", "|---|---|",
-                  *(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in numbers.items()),
-                  *(f"| AP@50:95 {label} | {ap:.4f} |" for label, ap in scores.get("ap50_95", {}).items()), ""]
+                  *(f"| {cell(k)} | {v:.4f} |" if isinstance(v, float) else f"| {cell(k)} | {v} |"
+                    for k, v in numbers.items()),
+                  *(f"| {key.removesuffix('ap50_95')}AP@50:95 {cell(label)} | {ap:.4f} |" for key, per_label in scores.items()
+                    if key.endswith("/ap50_95") and isinstance(per_label, dict) for label, ap in per_label.items()), ""]
     folder = run["name"]
     lines += ["## Use", "", "With nanoPaliGemma (from the repository's folder):", "", "```bash",
-              f"python infer.py --model {folder} --image cat.jpg --prompt \"caption en\"", "```", ""]
+              f"python infer.py --model {shlex.quote(folder)} --image cat.jpg --prompt 'caption en'", "```", ""]
     if adapter:
         lines += ["With transformers and peft:", "", "```python", "from peft import PeftModel",
                   "from transformers import PaliGemmaForConditionalGeneration",
@@ -286,6 +315,8 @@ def main(argv=None):
         panels = plot_metrics(args.out / "metrics.jsonl", args.out / "metrics.png")
     except UserError as e:
         fail(str(e))
+    except OSError as e:
+        fail(f"cannot write {args.out / 'metrics.png'} ({e.strerror or e})")
     print(f"{args.out / 'metrics.png'}: {panels} panels" if panels else f"{args.out}: no metrics to draw yet")
 
 

@@ -203,7 +203,7 @@ def test_the_evaluation_picture(run_train, tmp_path, capsys):
     with Image.open(out / "eval" / "step-1.jpg") as picture:
         assert picture.format == "JPEG" and picture.width == 4 * 512  # 8 validation examples, 4 a row
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert {"malformed_answers", "labels_not_in_prompt", "repeated_objects_cut"} <= metrics[-1].keys()
+    assert {"detect/malformed_answers", "detect/labels_not_in_prompt", "repeated_objects_cut"} <= metrics[-1].keys()
     # Boxes change the pixels where they are drawn, a target's dashed outline too (white, thin).
     grey = Image.new("RGB", (100, 100), (128, 128, 128))
     drawn = np.asarray(evaluation_picture([(grey, "detect circle", "<loc0100><loc0100><loc0500><loc0500> circle",
@@ -216,3 +216,51 @@ def test_the_evaluation_picture(run_train, tmp_path, capsys):
     edge = drawn[top - 2:top + 3, left + 10:right - 10]
     white, grey = (edge > 200).all(-1).any(0), (np.abs(edge - 128).sum(-1) < 30).all(0)
     assert white.sum() > 0.3 * len(white) and grey.sum() > 0.2 * len(grey)  # the target's: white dashes, gaps
+
+
+BAD_NAMES = ["detect <loc0001>", "detect a<seg001>b", "segment cat<image>", "detect a\tb", "detect a\nb",
+             "<image>detect cat"]
+
+
+@pytest.mark.parametrize("prompt", BAD_NAMES, ids=[repr(p) for p in BAD_NAMES])
+def test_prompts_the_grammar_cannot_answer_are_refused(prompt, tokens, mqa_checkpoint, data, tmp_path):
+    """A class name holding a <loc>, <seg> or <image> token, a tab or a newline (and any prompt written with
+    <image>, as transformers' documentation writes them): one line in infer.py and in the data check, a
+    ValueError in the Python API; never a row left without a token to take."""
+    import infer
+    from cli import UserError
+    from data import read_jsonl
+    processor = Processor.from_pretrained(mqa_checkpoint)
+    with pytest.raises(ValueError, match="prompt .*: (the class name|it holds <image>)"):
+        processor.tokens([prompt])
+    if "<image>" not in prompt:
+        with pytest.raises(ValueError, match="class name"):
+            AnswerConstraint([prompt], tokens, 100)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(dict(image=str(data.parent / "train.jsonl-0.png"), prefix=prompt, suffix="x")) + "\n")
+    with pytest.raises(UserError) as e:
+        read_jsonl(bad, skip_bad=False)
+    assert f"{bad}:1: " in e.value.details[0] and ("class name" in e.value.details[0] or "<image>" in e.value.details[0])
+    with pytest.raises(SystemExit) as stop:
+        infer.main(["--model", str(mqa_checkpoint), "--image", str(data.parent / "train.jsonl-0.png"), "--prompt",
+                    prompt])
+    assert stop.value.code == 2
+
+
+def test_a_name_of_hundreds_of_tokens(tokens):
+    grammar = AnswerGrammar(["very " * 500 + "long"], False, tokens)
+    assert grammar.trie.need > 500  # set without a call per token (a RecursionError before)
+
+
+def test_answers_the_token_limit_ended_are_counted_under_the_grammar(mqa_checkpoint):
+    """The grammar starts an object only if it can finish, then forces <eos>: an answer the limit cut looks
+    finished, and is still counted as ended by the limit."""
+    from answers import answer_batch
+    model, processor = PaliGemma.from_pretrained(mqa_checkpoint), Processor.from_pretrained(mqa_checkpoint)
+    images = [Image.new("RGB", (32, 32), c) for c in ("red", "blue")]
+    off = torch.autocast("cpu", enabled=False)
+    prompts = ["detect square ; circle", "caption en"]
+    short = answer_batch(model, processor, images, prompts, 5, torch.device("cpu"), off)
+    assert [a.text for a in short][0] == "" and all(a.at_limit for a in short)  # no object fits in 5 tokens
+    long = answer_batch(model, processor, images[:1], prompts[:1], 200, torch.device("cpu"), off)
+    assert not long[0].at_limit

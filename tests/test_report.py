@@ -4,6 +4,7 @@
 import glob
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -39,9 +40,10 @@ def test_tensorboard_scalars_and_picture_across_a_resume(run_train, tmp_path):
     events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "images": 0}).Reload()
     assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4]
     assert [e.step for e in events.Scalars("val_loss")] == [0, 1, 2, 3, 4]
-    for name in ("lr", "grad_norm", "tokens_per_second", "map50", "map50_95", "exact_match", "repeated_boxes"):
+    for name in ("lr", "grad_norm", "tokens_per_second", "detect/map50", "detect/map50_95", "answer/vqa_accuracy",
+                 "detect/repeated_boxes"):
         assert name in events.Tags()["scalars"], name
-    assert any(tag.startswith("AP@50:95/") for tag in events.Tags()["scalars"])
+    assert any(tag.startswith("detect/AP@50:95/") for tag in events.Tags()["scalars"])
     assert [e.step for e in events.Images("evaluation")] == [0, 1, 2, 3, 4]
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
               if "loss" in json.loads(line)]
@@ -82,7 +84,7 @@ def test_wandb_offline_and_its_run_resumed(run_train, tmp_path, monkeypatch):
     assert len(files) == 2 and all(f.endswith(f"run-{run_id}.wandb") for f in files)  # one run, resumed
     history = [h for f in files for h in wandb_history(f)]
     assert [h["_step"] for h in history if "loss" in h] == [1, 2, 3]
-    assert [h["_step"] for h in history if "val_loss" in h] == [0, 2, 3] and all("map50" in h for h in history
+    assert [h["_step"] for h in history if "val_loss" in h] == [0, 2, 3] and all("detect/map50" in h for h in history
                                                                              if "val_loss" in h)
 
 
@@ -91,11 +93,12 @@ def test_metrics_png_and_the_plot_command(run_train, tmp_path, capsys, monkeypat
     with Image.open(out / "metrics.png") as png:
         assert png.format == "PNG"
         width = png.width
-    # loss, val_loss, exact_match, map50, map50_95, repeated_boxes, malformed_answers: 7 panels of 320 px
-    assert report.plot_metrics(out / "metrics.jsonl", tmp_path / "again.png") == 7 and width == 7 * 320
+    # loss, val_loss, answer/vqa_accuracy, answer/anls, detect/map50, detect/map50_95, detect/repeated_boxes,
+    # detect/malformed_answers: 8 panels of 320 px
+    assert report.plot_metrics(out / "metrics.jsonl", tmp_path / "again.png") == 8 and width == 8 * 320
     (out / "metrics.png").unlink()
     report.main([str(out)])
-    assert "7 panels" in capsys.readouterr().out and (out / "metrics.png").exists()
+    assert "8 panels" in capsys.readouterr().out and (out / "metrics.png").exists()
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
     run_train(tmp_path / "p", "--steps", "2", "--eval-every", "1")
     assert capsys.readouterr().out.count("metrics.png is not drawn: pip install matplotlib") == 1
@@ -112,7 +115,7 @@ def test_the_model_card_and_the_loaders(run_train, mqa_checkpoint, tmp_path):
     meta = front_matter(card)
     assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "image-text-to-text"
     assert meta["license"] == "gemma" and "paligemma" in meta["tags"] and "base_model" not in meta  # a local folder
-    assert "## Scores at step 2" in card and "| map50 |" in card and "- 2 steps of 4 examples" in card
+    assert "## Scores at step 2" in card and "| detect/map50 |" in card and "- 2 steps of 4 examples" in card
     hf_model(out)  # transformers loads the folder, README.md and all
     lora = run_train(tmp_path / "lora", "--steps", "1", "--trainable", "lora", "--lora-rank", "2")
     meta = front_matter((lora / "README.md").read_text())
@@ -181,3 +184,30 @@ def test_a_cut_metrics_line_is_dropped_on_resume(run_train, tmp_path, capsys):
     assert "its last line was cut short" in capsys.readouterr().out
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 2, 3, 3]  # each run ends with an evaluation
+
+
+def test_the_card_quotes_for_the_shell_and_escapes_for_markdown():
+    card = report.model_card("google/paligemma-3b-pt-224", False, dict(
+        name="run`rm -rf x`|y", trainable="attn", lora=None, quantize=None, steps=2, batch=4, lr=1e-3,
+        data={"train.jsonl": 10}), {"step": 2, "detect/map50": 0.5, "detect/ap50_95": {"a|b": 0.25}})
+    command = next(line for line in card.splitlines() if line.startswith("python infer.py"))
+    assert "--model 'run`rm -rf x`|y'" in command
+    row = next(line for line in card.splitlines() if "AP@50:95" in line)
+    assert row == "| detect/AP@50:95 a\\|b | 0.2500 |"
+    assert len(re.findall(r"(?<!\\)\|", row)) == 3  # two cells, whatever the label holds
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("3\n", "metrics.jsonl:1: not a JSON object with a step"),
+    ('{"loss": 1.0}\n{"step": 1}\n', "metrics.jsonl:1: not a JSON object with a step"),
+    ("not json\n{\"step\": 1}\n", "metrics.jsonl:1: not valid JSON"),
+], ids=["a number", "no step", "not json"])
+def test_the_plot_command_on_files_it_cannot_read(content, expected, tmp_path, capsys):
+    (tmp_path / "metrics.jsonl").write_text(content)
+    assert expected in one_line_error(capsys, lambda: report.main([str(tmp_path)]))
+
+
+def test_the_plot_command_where_it_cannot_write(tmp_path, capsys):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    (tmp_path / "metrics.png").mkdir()
+    assert "cannot write" in one_line_error(capsys, lambda: report.main([str(tmp_path)]))

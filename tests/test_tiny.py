@@ -89,7 +89,7 @@ def test_quick_start_end_to_end(tmp_path):
                         "--out", out, "--steps", "3", "--batch-size", "16", "--lr", "2e-3", "--eval-every", "3"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "exact_match" in r.stdout and "map50" in r.stdout and (out / "model.safetensors").exists()
+    assert "answer/vqa_accuracy" in r.stdout and "detect/map50" in r.stdout and (out / "model.safetensors").exists()
     png = tmp_path / "boxes.png"
     r = subprocess.run([sys.executable, ROOT / "infer.py", "--model", out, "--image",
                         data / "images" / "valid-00000.jpg", "--prompt", shapes.ALL_SHAPES_PROMPT, "--out", png],

@@ -159,9 +159,10 @@ def test_evaluation_answers_the_prompt_alone(mqa_checkpoint, data, monkeypatch):
                                     device=torch.device("cpu"), autocast=torch.autocast("cpu", enabled=False))
     prompts = processor([load_image(e["image"]) for e in examples], [e["prefix"] for e in examples])
     assert len(seen) == 1 and torch.equal(seen[0], prompts["input_ids"])
-    assert set(metrics) == {"val_loss", "answers_at_token_limit", "exact_match", "map50", "map50_95", "ap50_95",
-                            "repeated_boxes", "malformed_answers", "labels_not_in_prompt", "repeated_objects",
-                            "repeated_objects_cut"} and len(shown) == 4
+    assert set(metrics) == {"val_loss", "answers_at_token_limit", "answer/vqa_accuracy", "answer/anls",
+                            "answer/examples", "detect/map50", "detect/map50_95", "detect/ap50_95",
+                            "detect/repeated_boxes", "detect/malformed_answers", "detect/labels_not_in_prompt",
+                            "detect/repeated_objects", "detect/examples", "repeated_objects_cut"} and len(shown) == 4
 
 
 def test_default_validation_file(tmp_path):

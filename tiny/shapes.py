@@ -13,6 +13,8 @@ it, in a task PaliGemma knows:
     count     "answer en how many shapes are there?"    -> "2"
     detect    "detect circle" or "detect circle ; square ; triangle"
                                                         -> "<loc0123><loc0045><loc0400><loc0321> circle ; ..."
+    ocr       "ocr"                                     -> "407" or "blue": a number of 2 or 3 digits or a
+                                                           colour's name, written over the scene (not by default)
 
 `--detect star` asks detect questions about stars alone (in scenes that hold one), for fine-tuning a
 model to detect a shape that its pretraining never asked about. `--coco` writes the scenes as a COCO
@@ -29,7 +31,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from cli import number
 from detections import loc_tokens
@@ -38,7 +40,8 @@ SIZE = 112
 SHAPES = ("circle", "square", "triangle")  # the default; "star" is drawn too
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (235, 200, 30),
            "purple": (150, 60, 180)}
-TASKS = ("caption", "colour", "shape", "count", "detect")
+DEFAULT_TASKS = ("caption", "colour", "shape", "count", "detect")
+TASKS = (*DEFAULT_TASKS, "ocr")
 ALL_SHAPES_PROMPT = "detect " + " ; ".join(SHAPES)
 
 
@@ -76,16 +79,33 @@ def outline(shape: dict) -> list[tuple[float, float]]:
     return list(zip(px.tolist(), py.tolist()))
 
 
-def draw(scene: list[dict], rng: np.random.Generator | None = None) -> Image.Image:
-    """The scene on a grey background; with `rng`, plus pixel noise."""
+def draw(scene: list[dict], rng: np.random.Generator | None = None, text: dict | None = None) -> Image.Image:
+    """The scene on a grey background, with `text` (random_text's) written over it; with `rng`, plus pixel
+    noise."""
     image = Image.new("RGB", (SIZE, SIZE), (128, 128, 128))
     pen = ImageDraw.Draw(image)
     for s in scene:
         pen.polygon(outline(s), fill=COLOURS[s["colour"]])
+    if text:  # PIL's own font (Aileron), black with a white edge, legible over any colour
+        pen.text(text["xy"], text["text"], font=ImageFont.load_default(size=text["size"]), fill="black",
+                 stroke_width=1, stroke_fill="white")
     if rng is None:
         return image
     noisy = np.asarray(image, dtype=np.int16) + rng.normal(0, 8, (SIZE, SIZE, 3)).astype(np.int16)
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+
+
+def random_text(rng: np.random.Generator) -> dict:
+    """A number of 2 or 3 digits or a colour's name, its font size (34 to 44 px) and where it starts, so
+    that it fits in the image."""
+    if rng.random() < 0.5:
+        text = str(int(rng.integers(10, 1000)))
+    else:
+        text = str(rng.choice(list(COLOURS)))
+    size = int(rng.integers(34, 45))
+    left, top, right, bottom = ImageFont.load_default(size=size).getbbox(text, stroke_width=1)
+    x, y = (int(rng.integers(2, max(3, SIZE - 2 - extent))) for extent in (right, bottom))
+    return dict(text=text, size=size, xy=(x, y))
 
 
 def ask(scene: list[dict], task: str, rng: np.random.Generator, detect=None) -> tuple[str, str] | None:
@@ -121,11 +141,13 @@ def write_split(out: Path, split: str, n: int, tasks: list[str], seed: int, shap
     lines = []
     while len(lines) < n:
         scene = random_scene(rng, shapes, most)
-        qa = ask(scene, tasks[int(rng.integers(len(tasks)))], rng, detect)
+        task = tasks[int(rng.integers(len(tasks)))]
+        text = random_text(rng) if task == "ocr" else None
+        qa = ("ocr", text["text"]) if text else ask(scene, task, rng, detect)
         if qa is None:
             continue
         name = f"images/{split}-{len(lines):05d}.jpg"
-        draw(scene, rng).save(out / name, quality=92)
+        draw(scene, rng, text).save(out / name, quality=92)
         lines.append(json.dumps({"image": name, "prefix": qa[0], "suffix": qa[1]}))
     (out / f"_annotations.{split}.jsonl").write_text("\n".join(lines) + "\n")
 
@@ -156,7 +178,7 @@ def write_coco(out: Path, split: str, n: int, seed: int, shapes=SHAPES, most=3):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--tasks", default=",".join(TASKS),
+    p.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
                    help=f"comma-separated, of {', '.join(TASKS)}; a task named twice is asked twice as often")
     p.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated, of circle, square, triangle, star")
     p.add_argument("--detect", default=None, help="the one shape that detect questions ask about")
