@@ -90,7 +90,7 @@ def test_coco_export_to_jsonl(vae, tmp_path, capsys):
     coco = str(tmp_path / "export" / "_annotations.coco.json")
     convert.main(["coco-segment", coco, "--vae", str(tmp_path / "vae.npz"), "--out", str(tmp_path / "train.jsonl")])
     # boxes 0.3 pixels wide or outside the image are skipped, and counted
-    assert "2 instance(s) skipped, their boxes hold no whole pixel" in capsys.readouterr().out
+    assert "2 boxes holding no whole pixel of the image" in capsys.readouterr().out
     lines = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
     # one line per image and class, the classes and instances top to bottom
     assert [(e["image"], e["prefix"]) for e in lines] == [
@@ -106,7 +106,7 @@ def test_coco_export_to_jsonl(vae, tmp_path, capsys):
 
     # --out is never the export itself, nor a file already there without --overwrite; written whole
     before = (tmp_path / "train.jsonl").read_text()
-    for out, expected in ((coco, "is the COCO export itself"), (str(tmp_path / "train.jsonl"), "exists")):
+    for out, expected in ((coco, "is one of the input files"), (str(tmp_path / "train.jsonl"), "exists")):
         with pytest.raises(SystemExit) as stopped:
             convert.main(["coco-segment", coco, "--vae", str(tmp_path / "vae.npz"), "--out", out])
         assert stopped.value.code == 2 and expected in capsys.readouterr().err
