@@ -18,6 +18,7 @@ import ctypes
 import multiprocessing
 import re
 import statistics
+import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -26,11 +27,13 @@ from pathlib import Path
 import numpy as np
 import peft
 import torch
+import torch.nn.functional as F
 import transformers
 
 from detections import AnswerConstraint, AnswerTokens
 from gemma import GemmaConfig
 from lora import ATTENTION, add_lora
+from nf4 import dequantize_linears
 from paligemma import TRAINABLE, PaliGemma, PaliGemmaConfig, SuffixLossSum, count_targets
 from processor import Processor
 from run import training_module
@@ -84,8 +87,8 @@ def load(side: str, folder: Path, dtype, device, quantize: str | None = None):
     """One side's model. quantize: None, or the trainable part ("attn", "lora") whose layers stay in full
     precision while every other linear layer is stored in NF4 (ours: nf4.py; transformers: bitsandbytes)."""
     if side == "ours":
-        which = None if quantize is None else lambda layer: quantize == "lora" or not TRAINABLE["attn"](layer + ".")
-        model = PaliGemma.from_pretrained(folder, dtype=dtype, device=device, quantize=which)
+        keep = None if quantize != "attn" else lambda layer: TRAINABLE["attn"](layer + ".")
+        model = PaliGemma.from_pretrained(folder, dtype=dtype, device=device, quantize=quantize and "nf4", keep=keep)
         model.config.eos_token_id = -1  # decode all NEW_TOKENS, as min_new_tokens does for transformers
         return model
     if quantize is None:
@@ -161,10 +164,11 @@ def trainer(side, model, dtype, device, mode="attn", grad_checkpointing=False):
     return step, optimizer, params
 
 
-def resident() -> tuple[float, float]:
-    """This process's memory in GiB, now and at its peak: RSS on the CPU (Linux), allocated on a GPU."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return torch.cuda.memory_allocated() / 2**30, torch.cuda.max_memory_allocated() / 2**30
+def resident(device) -> tuple[float, float]:
+    """This process's memory in GiB on `device`, now and at its peak: RSS on the CPU (Linux), allocated on a
+    GPU (that GPU's, not cuda:0's)."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**30, torch.cuda.max_memory_allocated(device) / 2**30
     status = Path("/proc/self/status").read_text()
     return tuple(int(re.search(rf"{key}:\s+(\d+) kB", status).group(1)) / 2**20 for key in ("VmRSS", "VmHWM"))
 
@@ -174,7 +178,10 @@ def train_memory(side, folder, dtype, device, batch_size, mode, quantize=False, 
     step, in a fresh process that loads only one side. The optimizer's state is allocated first (a step on
     zero gradients), so that the measured step holds all that every step of a run holds; on the CPU, the
     memory that loading freed is handed back to the system first (malloc_trim), as it is on a GPU."""
-    before = resident()[0]
+    if device.type == "cuda":  # CUDA started first, so that "before" is this GPU's memory, not the CPU's
+        torch.cuda.set_device(device)
+        torch.cuda.init()
+    before = resident(device)[0]
     model = load(side, folder, dtype, device, mode if quantize else None)
     step, optimizer, params = trainer(side, model, dtype, device, mode, grad_checkpointing)
     batch = make_batch(transformers.PaliGemmaConfig.from_pretrained(folder), batch_size, SUFFIX, device)
@@ -185,14 +192,14 @@ def train_memory(side, folder, dtype, device, batch_size, mode, quantize=False, 
     if device.type == "cpu":  # what loading freed goes back to the system (glibc keeps it otherwise), on both sides
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats(device)
     else:
         Path("/proc/self/clear_refs").write_text("5")  # Linux: the peak RSS restarts from the current RSS
     sync(device)
     start = time.perf_counter()
     step(batch)
     sync(device)
-    return resident()[1] - before, time.perf_counter() - start
+    return resident(device)[1] - before, time.perf_counter() - start
 
 
 def in_fresh_process(fn, *args):
@@ -385,9 +392,162 @@ def grammar_cost(device, repeat: int):
               f"({generated[False]} tokens): {rate[False] / rate[True] - 1:+.1%} time per token")
 
 
-def decoding_limit(config, dtype, bandwidth: float) -> tuple[float, int]:
+# The decoding formats compared (bench.py --formats): (side, dtype of the model, quantize)
+FORMATS = {"ours float32": ("ours", torch.float32, None), "ours bfloat16": ("ours", torch.bfloat16, None),
+           "ours int8": ("ours", torch.bfloat16, "int8"), "ours int4": ("ours", torch.bfloat16, "int4"),
+           "ours nf4 (dequantized once)": ("ours", torch.bfloat16, "nf4"),
+           "transformers float32": ("transformers", torch.float32, None),
+           "transformers bfloat16": ("transformers", torch.bfloat16, None)}
+
+
+def load_format(name: str, folder: Path, device):
+    side, dtype, quantize = FORMATS[name]
+    if side == "transformers":
+        return load(side, folder, dtype, device)
+    model = PaliGemma.from_pretrained(folder, dtype=dtype, device=device, quantize=quantize)
+    if quantize == "nf4":
+        dequantize_linears(model)  # what infer.py and evaluate.py do with --quantize nf4
+    model.config.eos_token_id = -1
+    return model
+
+
+def weight_bytes(model, side: str) -> int:
+    """The bytes a decoding step reads: the decoder's weights and the output head, as stored."""
+    if side == "transformers":
+        lm = model.model.language_model
+        return sum(t.nbytes for t in lm.layers.parameters()) + lm.embed_tokens.weight.nbytes
+    lm = model.language_model
+    head = lm.head if lm.head is not None else lm.embed_tokens
+    return sum(t.nbytes for t in [*lm.layers.parameters(), *lm.layers.buffers(), *head.parameters(),
+                                  *head.buffers()])
+
+
+def decoding_formats(folder: Path, config, device, repeat: int):
+    """Decoding steps' tokens/s of each of FORMATS at batch 1 and 8, timed in turns, each with its share of
+    the memory-bandwidth limit of its own bytes; and each of ours' logits against ours in float32."""
+    models = {name: load_format(name, folder, device) for name in FORMATS}
+    batch = make_batch(config, 4, 0, device)
+    inputs = {k: batch[k] for k in ("input_ids", "pixel_values", "attention_mask", "token_type_ids")}
+    reference = models["ours float32"](**inputs).float()
+    print(f"\ndecoding steps, tokens/s (medians of {repeat}); share of each one's bandwidth limit at batch 1; "
+          "ours' logits against ours in float32 (batch of 4 prompts)")
+    print(f"{'':30} {'MiB read':>9} {'batch 1':>9} {'limit':>6} {'batch 8':>9}   {'max |logit diff|':>17} {'mean':>9}")
+    fns, matvec_bytes = {}, None
+    rates = {}
+    for b in (1, 8):
+        batch = make_batch(config, b, 0, device)
+        fns = {(name, n): lambda name=name, n=n: generate(FORMATS[name][0], models[name], batch, n)
+               for name in FORMATS for n in (1, NEW_TOKENS)}
+        if b == 1:
+            fns["matvec", 1], matvec_bytes = matvecs(device, torch.float32)
+        t = alternate(fns, repeat, device)
+        if b == 1:
+            bandwidth = matvec_bytes / t.pop(("matvec", 1))
+        rates[b] = {name: b * (NEW_TOKENS - 1) / (t[name, NEW_TOKENS] - t[name, 1]) for name in FORMATS}
+    for name, model in models.items():
+        side = FORMATS[name][0]
+        read = weight_bytes(model, side)
+        diff = ""
+        if side == "ours":
+            d = (model(**inputs).float() - reference).abs()
+            diff = f"{d.max().item():17.3g} {d.mean().item():9.3g}"
+        print(f"{name:30} {read / 2**20:9.0f} {rates[1][name]:9.2f} {rates[1][name] * read / bandwidth:6.0%} "
+              f"{rates[8][name]:9.2f}   {diff}")
+    bf16, tf32 = rates[1]["ours bfloat16"], rates[1]["transformers float32"]
+    print(f"batch 1, ratios: int8 {rates[1]['ours int8'] / bf16:.2f}x ours bfloat16; int4 "
+          f"{rates[1]['ours int4'] / bf16:.2f}x ours bfloat16, {rates[1]['ours int4'] / tf32:.2f}x transformers "
+          f"float32; nf4 {rates[1]['ours nf4 (dequantized once)'] / bf16:.2f}x ours bfloat16 "
+          f"(bandwidth {bandwidth / 1e9:.1f} GB/s)")
+
+
+def sdpa_kernels(device):
+    """Which of SDPA's CUDA kernels take PaliGemma's decoder attention (8 query heads, 1 key/value head,
+    head_dim 256, a boolean prefix-LM mask), as gemma.py calls it without and with the key/value heads
+    expanded, and their times."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    q = torch.randn(8, 8, 282, 256, device=device, dtype=torch.bfloat16)
+    k, v = (torch.randn(8, 1, 282, 256, device=device, dtype=torch.bfloat16) for _ in range(2))
+    mask = torch.ones(282, 282, device=device, dtype=torch.bool).tril()
+    mask[:266, :266] = True  # the prefix sees itself whole
+    calls = {"enable_gqa=True (1 key/value head)": lambda: F.scaled_dot_product_attention(
+                 q, k, v, attn_mask=mask, enable_gqa=True),
+             "key/value expanded (a view)": lambda: F.scaled_dot_product_attention(
+                 q, k.expand(-1, 8, -1, -1), v.expand(-1, 8, -1, -1), attn_mask=mask)}
+    print("\nSDPA kernels for the decoder's prefill attention (batch 8, 282 tokens, boolean mask):")
+    for what, call in calls.items():
+        for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH):
+            try:
+                with sdpa_kernel([backend]):
+                    seconds = alternate({0: call}, 5, device)[0]
+                print(f"  {what:40} {backend.name:22} runs, {seconds * 1e3:.2f} ms")
+            except RuntimeError as e:
+                print(f"  {what:40} {backend.name:22} refused ({str(e).splitlines()[0][:60]})")
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            call()
+            sync(device)
+        kernels = {e.key for e in prof.key_averages() if any(w in e.key.lower() for w in ("attention", "fmha",
+                                                                                          "flash", "bmm", "gemm"))}
+        print(f"  {what:40} chosen by default: {', '.join(sorted(kernels))[:150]}")
+
+
+def gpu_check(args):
+    """bench.py --gpu-check: on one GPU in a few minutes, with paligemma-3b-pt-224's shapes (random weights,
+    bfloat16): the SDPA kernels, decoding tokens/s eager / compiled (CUDA graphs) / int8 / int4 against
+    transformers eager and compiled, and attention-only training's peak memory and FLOPs utilisation."""
+    device = torch.device(args.device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        print("bench.py: error: --gpu-check needs a CUDA GPU (--device cuda or cuda:N)")
+        return 2
+    torch.cuda.set_device(device)
+    torch.set_grad_enabled(False)
+    print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, transformers {transformers.__version__}")
+    sdpa_kernels(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder, dtype = Path(tmp), torch.bfloat16
+        config = make_checkpoint(folder, "full", dtype)
+        models = {"ours bfloat16": load("ours", folder, dtype, device),
+                  "ours bfloat16, compiled": load("ours", folder, dtype, device),
+                  "ours int8, compiled": load_format("ours int8", folder, device),
+                  "ours int4": load_format("ours int4", folder, device),
+                  "transformers bfloat16": load("transformers", folder, dtype, device)}
+        for name in ("ours bfloat16, compiled", "ours int8, compiled"):
+            models[name].decode_step = torch.compile(models[name].decode_step, mode="reduce-overhead")
+        side = {name: name.split()[0] for name in models} | {"transformers, compiled": "transformers"}
+        models["transformers, compiled"] = models["transformers bfloat16"]
+        batch = make_batch(config, 1, 0, device)
+        fns = {(name, n): lambda name=name, n=n: generate(side[name], models[name], batch, n, "compiled" in name)
+               for name in models for n in (1, NEW_TOKENS)}
+        t = alternate(fns, args.repeat, device)
+        print(f"\ndecoding steps at batch 1, tokens/s (medians of {args.repeat}):")
+        for name in models:
+            print(f"  {name:32} {(NEW_TOKENS - 1) / (t[name, NEW_TOKENS] - t[name, 1]):8.1f}")
+        models.clear()
+        torch.set_grad_enabled(True)
+        for name in ("ours", "transformers"):
+            memory, seconds = in_fresh_process(train_memory, name, folder, dtype, device, args.train_batch, "attn")
+            print(f"attention-only training step, batch {args.train_batch}, {name}: peak {memory:.2f} GiB, "
+                  f"{seconds:.3f} s" + (f", {mfu(config, seconds, args.train_batch, args.peak_tflops):.1%} of "
+                                        f"{args.peak_tflops:g} TFLOPS" if name == "ours" else ""))
+
+
+def mfu(config, seconds: float, batch: int, peak_tflops: float) -> float:
+    """Model-FLOPs utilisation of an attention-only step: forward everywhere, backward through the decoder
+    (input gradients) and into attention's weights."""
+    text, v = config.text_config, config.vision_config
+    n_image = (v.image_size // v.patch_size) ** 2
+    tokens = batch * (n_image + PROMPT + SUFFIX)
+    vision = v.num_hidden_layers * (4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size)
+    per_layer = text.hidden_size * text.head_dim * (2 * text.num_attention_heads + 2 * text.num_key_value_heads) \
+        + 3 * text.hidden_size * text.intermediate_size
+    attention = text.hidden_size * text.head_dim * (2 * text.num_attention_heads + 2 * text.num_key_value_heads)
+    flops = 2 * batch * n_image * vision + 4 * tokens * text.num_hidden_layers * per_layer \
+        + 2 * tokens * text.num_hidden_layers * attention
+    return flops / seconds / (peak_tflops * 1e12)
+
+
+def decoding_limit(config, dtype, bandwidth: float) -> float:
     """The memory-bandwidth limit of decoding at batch 1 (tokens/s): every decoder weight and the output head
-    read once per token; and the decoder's parameters."""
+    read once per token."""
     text = config.text_config
     per_layer = text.hidden_size * text.head_dim * (2 * text.num_attention_heads + 2 * text.num_key_value_heads) \
         + 3 * text.hidden_size * text.intermediate_size + 2 * text.hidden_size
@@ -395,7 +555,7 @@ def decoding_limit(config, dtype, bandwidth: float) -> tuple[float, int]:
         * torch.finfo(dtype).bits // 8
     print(f"weights read per decoded token: {weight_bytes / 2**30:.2f} GiB; measured bandwidth "
           f"{bandwidth / 1e9:.1f} GB/s -> limit {bandwidth / weight_bytes:.1f} tokens/s at batch 1")
-    return bandwidth / weight_bytes, text.num_hidden_layers * per_layer
+    return bandwidth / weight_bytes
 
 
 def main():
@@ -410,9 +570,16 @@ def main():
                    help="the GPU's dense bfloat16 peak, for MFU (H100/H200: 989)")
     p.add_argument("--memory-table", action="store_true",
                    help="print the memory per GPU of fine-tuning PaliGemma 2, computed from the shapes, and stop")
+    p.add_argument("--formats", action="store_true", help="decoding in float32, bfloat16, int8, int4 and nf4 "
+                   "against transformers in float32 and bfloat16, and the formats' logits, then stop")
+    p.add_argument("--gpu-check", action="store_true", help="on a GPU, in a few minutes: which SDPA kernel runs, "
+                   "decoding eager / compiled / in each format against transformers, a training step's peak "
+                   "memory and model-FLOPs utilisation")
     args = p.parse_args()
     if args.memory_table:
         return memory_table()
+    if args.gpu_check:
+        return gpu_check(args)
     device = torch.device(args.device)
     preset = args.preset or ("full" if device.type == "cuda" else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" or preset == "full" else torch.float32
@@ -422,6 +589,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         config = make_checkpoint(folder, preset, dtype)
+        if args.formats:
+            return decoding_formats(folder, config, device, args.repeat)
         if preset == "full" and device.type == "cpu":  # decoding 3B on a few CPU cores would take hours
             return full_training_table(folder, device, dtype, args.train_batch)
         rows, decode, generated, bandwidth = decoding_rows(folder, config, device, dtype, args.repeat, args.compile)
@@ -431,7 +600,7 @@ def main():
         print(f"{'':54} {'ours':>12} {'transformers':>13} {'ours/theirs':>12}")
         for what, ours, theirs in rows + train_rows:
             print(f"{what:54} {ours:12.4g} {theirs:13.4g} {ours / theirs:11.2f}x")
-        limit, decoder = decoding_limit(config, dtype, bandwidth)
+        limit = decoding_limit(config, dtype, bandwidth)
         print(f"Decoding steps reach: ours {decode[1]['ours'] / limit:.0%}, transformers "
               f"{decode[1]['transformers'] / limit:.0%}; whole generate calls (with the prefill): ours "
               f"{generated[1]['ours'] / limit:.0%}, transformers {generated[1]['transformers'] / limit:.0%}")
@@ -445,16 +614,11 @@ def main():
         if preset == "tiny":
             grammar_cost(device, args.repeat)
         if device.type == "cuda":
-            n_image = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
-            tokens = 8 * (n_image + PROMPT + SUFFIX)
-            v = config.vision_config
-            vision = v.num_hidden_layers * (4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size)
-            # forward everywhere; backward: input gradients through the decoder, weight gradients of attention only
-            flops = 2 * 8 * n_image * vision + 4 * tokens * decoder + 2 * tokens * n_trainable["attn"]
-            mfu = flops / seconds["attention-only"]["ours"] / (args.peak_tflops * 1e12)
-            print(f"train step model-FLOPs utilisation (ours, approximate): {mfu:.1%} of {args.peak_tflops:g} TFLOPS")
+            utilisation = mfu(config, seconds["attention-only"]["ours"], 8, args.peak_tflops)
+            print(f"train step model-FLOPs utilisation (ours, approximate): {utilisation:.1%} of "
+                  f"{args.peak_tflops:g} TFLOPS")
             full_training_table(folder, device, dtype, args.train_batch)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

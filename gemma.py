@@ -105,6 +105,8 @@ class KVCache:
         shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        for t in self.k + self.v:  # torch.compile(mode="reduce-overhead"): CUDA graphs may write them in place
+            torch._dynamo.mark_static_address(t)
 
     def update(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """k, v (B, K, T, hd) written at slots (T,) -> this layer's keys and values (B, K, max_len, hd)."""
@@ -137,8 +139,7 @@ class GemmaAttention(nn.Module):
                 k, v = cached  # S = max_len
         # mask (B, 1, T, S) bool, True = may attend. Each group of H/K query heads shares one kv head.
         if self.softcap is None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
-                                               enable_gqa=self.num_kv_heads != self.num_heads)
+            y = attention(q, k, v, mask, self.scale)
         else:  # Gemma 2: cap the scores before the mask; SDPA has no hook for that
             k, v = (t.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1) for t in (k, v))  # (B, H, S, hd)
             scores = (q @ k.transpose(-2, -1)) * self.scale  # (B, H, T, S)
@@ -147,6 +148,22 @@ class GemmaAttention(nn.Module):
                 scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
             y = scores.softmax(-1, dtype=torch.float32).to(q.dtype) @ v  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def attention(q, k, v, mask, scale: float, expand: bool | None = None) -> torch.Tensor:
+    """SDPA of q (B, H, T, hd) over k, v (B, K, S, hd), each group of H/K query heads on one key/value
+    head. On CUDA, where a mask is given, k and v are expanded to the H heads: with enable_gqa SDPA takes
+    only its flash kernel, which takes no mask, or its math kernel (the whole score matrix); expanded, its
+    memory-efficient kernel takes the mask. With one key/value head (PaliGemma's multi-query attention)
+    the expansion is a view, no copy; with several, a copy. `expand` overrides the choice (tests)."""
+    H, K = q.shape[1], k.shape[1]
+    if expand is None:
+        expand = q.device.type == "cuda" and mask is not None
+    if expand and K == 1:
+        k, v = k.expand(-1, H, -1, -1), v.expand(-1, H, -1, -1)  # stride 0 over the heads
+    elif expand and K < H:
+        k, v = k.repeat_interleave(H // K, dim=1), v.repeat_interleave(H // K, dim=1)  # (B, H, S, hd)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != H)
 
 
 class GeGLU(torch.autograd.Function):
@@ -207,6 +224,7 @@ class Gemma(nn.Module):
         self.layers = nn.ModuleList(GemmaDecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.has_sliding_layers = any(layer.sliding for layer in self.layers)
+        self.head = None  # the output head is the embedding, transposed; or a quantized copy (quantize.py)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T) -> (B, T, D), scaled by sqrt(D) rounded to the weights' dtype."""
@@ -243,6 +261,6 @@ class Gemma(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """(..., D) -> (..., vocab) through the tied output head: the embedding matrix, transposed."""
-        logits = F.linear(h, self.embed_tokens.weight)
+        logits = F.linear(h, self.embed_tokens.weight) if self.head is None else self.head(h)
         cap = self.config.final_logit_softcapping
         return logits if cap is None else cap * torch.tanh(logits / cap)

@@ -16,7 +16,9 @@ takes 4.13 bits instead of 16 in bfloat16.
 
 The buffers' names are those of transformers' bitsandbytes checkpoints, and the bytes are those of
 `bitsandbytes.functional.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)`
-(the tests compare). Imports torch only.
+(the tests compare). quantize.py registers it beside the formats for decoding; inference
+dequantizes an NF4 model's weights once (dequantize_linears) rather than for every product. Imports
+torch only.
 """
 
 import torch
@@ -83,6 +85,8 @@ def quantize(weight: torch.Tensor) -> dict[str, torch.Tensor]:
 class NF4Linear(nn.Module):
     """A frozen linear layer whose weight is stored in NF4 and dequantized to `dtype` for each matmul."""
 
+    name = "nf4"
+
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device=None):
         super().__init__()
         self.in_features, self.out_features, self.dtype = in_features, out_features, dtype
@@ -93,6 +97,10 @@ class NF4Linear(nn.Module):
                                   ("nested_quant_map", (256,), torch.float32)):
             self.register_buffer(name, torch.empty(shape, dtype=kind, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
+
+    @staticmethod
+    def fits(in_features: int, out_features: int) -> bool:
+        return True  # blocks of 64 run across rows: any width
 
     @staticmethod
     def state(weight_name: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -135,15 +143,19 @@ class DequantizedMatmul(torch.autograd.Function):
         return grad @ ctx.layer.dequantized().to(grad.dtype), None
 
 
-def quantize_linears(model: nn.Module, which, dtype_of) -> dict[str, NF4Linear]:
-    """Replaces the linear layers of a model on the meta device whose names `which(name)` accepts by NF4Linear
-    layers of the dtype `dtype_of(weight name)`; returns them by their weights' names, for a loader to fill
-    (NF4Linear.state) as it reads the weights."""
-    layers = {}
-    for name, m in list(model.named_modules()):
-        if type(m) is nn.Linear and which(name):
-            layer = NF4Linear(m.in_features, m.out_features, m.bias is not None, dtype_of(f"{name}.weight"), "meta")
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, layer)
-            layers[f"{name}.weight"] = layer
-    return layers
+@torch.no_grad()
+def dequantize_linears(model: nn.Module) -> int:
+    """Every NF4Linear of a model (a LoRA layer's base too) replaced by an nn.Linear holding its weight
+    dequantized once, in the layer's dtype: the weights a QLoRA adapter was trained against, at the speed
+    of the compute dtype (the memory too). Returns the number of layers."""
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, NF4Linear)]
+    for name, m in layers:
+        linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, dtype=m.dtype,
+                           device=m.weight.device)
+        linear.weight.copy_(m.dequantized())
+        if m.bias is not None:
+            linear.bias.copy_(m.bias)
+        linear.requires_grad_(False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, linear)
+    return len(layers)

@@ -22,8 +22,8 @@ safetensors from a folder or a hub id.
 
 What it is not: the tokenizer, the image preprocessing (processor.py) or the parsing of answers
 (detections.py), a training loop (train.py) or a command-line tool (infer.py). It imports torch and
-safetensors only (huggingface_hub when given a hub id, nf4.py when asked to quantize), so that it
-can be copied with siglip.py and gemma.py.
+safetensors only (huggingface_hub when given a hub id, quantize.py when asked to quantize), so
+that it can be copied with siglip.py and gemma.py.
 
 Shape letters, as in gemma.py: B batch, T tokens, N image tokens (SigLIP's patches), D the decoder's
 hidden size, S keys (T, or the KV-cache's slots), V vocabulary.
@@ -252,14 +252,16 @@ class PaliGemma(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_dir, dtype: torch.dtype | Callable[[str], torch.dtype] = torch.float32,
-                        device="cpu", quantize: Callable[[str], bool] | None = None) -> "PaliGemma":
+                        device="cpu", quantize: str | None = None, keep: Callable[[str], bool] | None = None
+                        ) -> "PaliGemma":
         """Loads a Hugging Face-format checkpoint from a local folder or a hub id, strictly.
 
         Every tensor the model needs must be in the checkpoint with the right shape (see read_checkpoint).
         Tensors are read one at a time and converted straight to `dtype` on `device`; `dtype` may be a
         function of the parameter's name (train.py reads the weights it trains in float32 and the frozen
-        ones in the compute dtype). The linear layers whose names `quantize` accepts are stored in 4 bits
-        (nf4.py), each weight quantized as it is read: the full-precision model is never in memory.
+        ones in the compute dtype). With `quantize` ("nf4", "int8" or "int4": quantize.py), the linear
+        layers that format takes (but those `keep(name)` keeps) are stored in it, each weight quantized as
+        it is read: the full-precision model is never in memory.
         """
         folder = resolve_checkpoint(name_or_dir, ["config.json", "*.safetensors", "model.safetensors.index.json"])
         config = read_config(folder / "config.json")
@@ -270,8 +272,8 @@ class PaliGemma(nn.Module):
         expected = {name: list(t.shape) for name, t in model.state_dict().items()}
         quantized = {}
         if quantize is not None:
-            from nf4 import quantize_linears
-            quantized = quantize_linears(model, quantize, dtype_of)
+            import quantize as formats
+            quantized = formats.quantize_linears(model, quantize, dtype_of, keep, device)
         state = {}
         for name, tensor in read_checkpoint(folder, expected):  # on the CPU, views of the file's memory map
             if name in quantized:
@@ -279,6 +281,8 @@ class PaliGemma(nn.Module):
             else:  # when quantizing, a copy: a view would keep the map, and every quantized weight's pages, alive
                 state[name] = tensor.to(device=device, dtype=dtype_of(name), copy=bool(quantized))
         model.load_state_dict(state, strict=True, assign=True)
+        if quantize is not None:
+            formats.add_output_head(model, quantize)
         return model.eval()
 
 
