@@ -2,7 +2,7 @@
 
 OUT holds config.json, model.safetensors (its step in the metadata) and the tokenizer files, or, with
 LoRA, adapter_config.json and adapter_model.safetensors (the base model is elsewhere); and
-train_state.pt (step, optimizer and loss-scale state, the run's options). These are the official
+train_state.pt (step, optimizer and loss-scale state, random-number state, the run's options). These are the official
 layout and PEFT's: transformers, peft and this project's loaders read them.
 
     save_checkpoint, save_adapter, save_merged     the files, each written whole
@@ -30,6 +30,7 @@ import json
 import math
 import os
 import shutil
+import stat
 from pathlib import Path
 from typing import NamedTuple
 
@@ -42,13 +43,14 @@ from torch.distributed.tensor import DTensor
 
 from cli import UserError, log
 from files import fsync_folder, write_atomically, write_json
-from lora import adapter_base, adapter_config, adapter_state, load_adapter, merge_lora
-from nf4 import NF4Linear
-from paligemma import PaliGemma, checkpoint_index, official_name, official_state_dict, resolve_checkpoint
+from lora import adapter_base, adapter_config, adapter_state, lora_layers, merged_weight
+from quantize import QUANTIZED
+from paligemma import checkpoint_index, official_name, official_state_dict, resolve_checkpoint
 
 WEIGHTS = ("model.safetensors", "adapter_model.safetensors")  # a full checkpoint's, an adapter's
 CHECKPOINT_FILES = (*WEIGHTS, "model.safetensors.index.json", "train_state.pt")  # what an earlier run leaves
 NEXT_STATE = "train_state.next.pt"
+REPORTS = ("metrics.jsonl", "metrics.png", "README.md", "config.json", *WEIGHTS, "train_state.pt")  # files, not folders
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64"}
 
 
@@ -56,7 +58,7 @@ SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float1
 def checkpoint_weights(model, source: Path) -> dict[str, "torch.Tensor | Stored"]:
     """The model's tensors under the official names; a 4-bit layer's weight as `source` (the checkpoint it
     was read from) stores it, in full precision, read as it is written (its codes are no checkpoint's)."""
-    quantized = {name for name, m in model.named_modules() if isinstance(m, NF4Linear)}
+    quantized = {name for name, m in model.named_modules() if isinstance(m, QUANTIZED)}
     if not quantized:
         return official_state_dict(model)
     index = checkpoint_index(source)  # our name -> (key, file, shape)
@@ -115,7 +117,8 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scaler, *, source: P
                 unsharded(t)  # take part in process 0's gathering
             return
         state = dict(step=step, optimizer=f"optimizer-step{step}" if sharded else optimizer.state_dict(),
-                     scaler=scaler.state_dict(), options=options, processes=world, wandb_id=wandb_id)
+                     scaler=scaler.state_dict(), options=options, processes=world, wandb_id=wandb_id,
+                     rng=random_state())
         if lora_base is None:
             write_config(out, source, no_final_softcap)
         else:
@@ -135,23 +138,26 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scaler, *, source: P
     log(f"saved {out} at step {step}")
 
 
-def save_merged(folder: Path, source: Path, model, no_final_softcap: bool, adapter: Path):
-    """The model with its LoRA merged, as an official-layout checkpoint in `folder`, without adapter files:
-    transformers with peft installed would apply an adapter found beside config.json a second time. A
-    4-bit base is read again from `source` in full precision, and the saved `adapter` applied to it."""
+def save_merged(folder: Path, source: Path, model, no_final_softcap: bool):
+    """The base with its LoRA adapters folded in (W + s * B @ A), as an official-layout checkpoint in
+    `folder`, in the dtypes of `source` (the checkpoint the base was read from): each adapted weight is
+    read from it as stored and merged in float32, every other tensor copied from it as stored, whatever
+    precision (or 4 bits) the base was trained in. No adapter files: transformers with peft installed
+    would apply an adapter found beside config.json a second time."""
+    layers = lora_layers(model)
     try:
-        if any(isinstance(m, NF4Linear) for m in model.modules()):
-            log(f"--merge: the adapter is merged into the full-precision weights of {source}, read again (on the "
-                "CPU), not into their 4-bit codes")
-            model = PaliGemma.from_pretrained(source, dtype=model.language_model.embed_tokens.weight.dtype)
-            load_adapter(model, adapter)
+        weights = {}
+        for name, (key, file, _) in checkpoint_index(source).items():
+            layer = layers.get(name.removesuffix(".weight"))
+            stored = Stored(file, key)
+            weights[official_name(name)] = merged_weight(layer, stored.load()) if layer else stored
         folder.mkdir(exist_ok=True)
         write_config(folder, source, no_final_softcap)
-        weights = official_state_dict(merge_lora(model))
         write_atomically(folder / WEIGHTS[0], lambda tmp: write_safetensors(tmp, weights, {"format": "pt"}))
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot write the merged model into {folder} ({getattr(e, 'strerror', None) or e}); the adapter is saved")
-    log(f"saved the merged model in {folder}")
+        raise UserError(f"cannot write the merged model into {folder} ({getattr(e, 'strerror', None) or e}); "
+                        "the adapter is saved") from None
+    log(f"saved the merged model in {folder}: {len(layers)} layers merged into {source}'s weights as it stores them")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,7 +221,8 @@ def check_resume(state: dict, out: Path, steps: int, world: int, sharded: bool):
 
 def load_optimizer_state(optimizer, scaler, state: dict, out: Path, model, sharded: bool, weight_decay: float):
     """The optimizer's and the loss scaler's state from a train state: in it, or (--fsdp) each process's
-    optimizer shard read from the optimizer-stepN/ folder it names; with this run's `weight_decay`."""
+    optimizer shard read from the optimizer-stepN/ folder it names; with this run's `weight_decay`. And
+    the random-number state (dropout's draws), as it was after the step saved."""
     if sharded:
         shards = {"optimizer": get_optimizer_state_dict(model, optimizer)}
         dcp.load(shards, checkpoint_id=out / state["optimizer"])
@@ -226,6 +233,22 @@ def load_optimizer_state(optimizer, scaler, state: dict, out: Path, model, shard
         group["weight_decay"] = weight_decay
     if state["scaler"] and scaler.is_enabled():  # empty when the run so far was not in float16
         scaler.load_state_dict(state["scaler"])
+    restore_random_state(state)
+
+
+def random_state() -> dict:
+    """torch's random-number state (the CPU's, and each GPU's once CUDA has started): what dropout draws
+    next. Saved with the train state so that a resumed run draws what an uninterrupted one would."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    return dict(cpu=torch.get_rng_state(), cuda=cuda)
+
+
+def restore_random_state(state: dict):
+    """The random-number state that random_state saved (a train state of an older train.py has none)."""
+    if rng := state.get("rng"):
+        torch.set_rng_state(rng["cpu"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 def remove_leftovers(out: Path, keep: str | None = None):
@@ -262,6 +285,11 @@ def check_out_folder(out: Path, model: str, resume: bool, overwrite: bool, data:
         raise UserError(f"--out {given}: {existing} is a file, not a folder")
     if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"--out {given}: {existing} is not writable (permission denied)")
+    if folders := [name for name in REPORTS if (out / name).is_dir()]:
+        raise UserError(f"--out {given}: {out / folders[0]} is a folder; train.py writes a file there: remove it")
+    if (out / "eval").exists() and not (out / "eval").is_dir():
+        raise UserError(f"--out {given}: {out / 'eval'} is a file; train.py writes its evaluation pictures in a "
+                        "folder of that name: remove it")
     present = [name for name in CHECKPOINT_FILES if (out / name).exists()]
     if resume and not any((out / name).is_file() for name in WEIGHTS):
         raise UserError(f"--resume: {given} holds no checkpoint written by train.py (no {' or '.join(WEIGHTS)})")
@@ -274,19 +302,33 @@ def check_out_folder(out: Path, model: str, resume: bool, overwrite: bool, data:
 
 def lock_out_folder(out: Path):
     """Creates --out and holds a lock on OUT/train.lock for as long as this process lives (the kernel
-    releases it when the process ends, even by kill -9): a second run into the same --out is refused. A POSIX
-    record lock (lockf): the DataLoader's forked workers do not inherit it, so a killed run leaves none."""
+    releases it when the process ends, even by kill -9): a second run into the same --out is refused. A
+    POSIX record lock (lockf): the DataLoader's forked workers do not inherit it, so a killed run leaves
+    none. The lock file is opened without following a symbolic link (one could point at a user's file,
+    which writing the process id would destroy), and must be a regular file."""
+    path = out / "train.lock"
     try:
         out.mkdir(parents=True, exist_ok=True)
-        lock = open(out / "train.lock", "a+")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
     except OSError as e:
-        raise UserError(f"--out {out}: cannot be created ({e.strerror or e})")
+        if e.errno == errno.ELOOP:
+            raise UserError(f"--out {out}: {path} is a symbolic link (to {os.readlink(path)}); train.py writes its "
+                            "lock there: remove the link") from None
+        raise UserError(f"--out {out}: {path} cannot be created ({e.strerror or e})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UserError(f"--out {out}: {path} is not a regular file; train.py keeps its lock there: remove it")
+    lock = os.fdopen(fd, "r+")
     try:
         fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        lock.seek(0)
-        raise UserError(f"--out {out} is in use by another train.py run (process {lock.read().strip() or 'unknown'}); "
-             "wait for it to end, or choose another --out")
+    except OSError as e:
+        holder = lock.read().strip() or "unknown"
+        lock.close()
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            raise UserError(f"--out {out} is in use by another train.py run (process {holder}); wait for it to "
+                            "end, or choose another --out") from None
+        raise UserError(f"--out {out}: {path} cannot be locked ({e.strerror or e}): its file system may not support "
+                        "locks (NFS without a lock daemon); choose an --out on a local disk") from None
     lock.truncate(0)
     lock.write(f"{os.getpid()}\n")
     lock.flush()

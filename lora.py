@@ -212,6 +212,13 @@ def load_adapter(model: nn.Module, folder) -> list[str]:
 
 
 @torch.no_grad()
+def merged_weight(layer: LoRALinear, weight: torch.Tensor) -> torch.Tensor:
+    """W + s * B @ A for the frozen weight W (out, in) of `layer`, computed in float32, in W's dtype."""
+    delta = layer.lora_B.weight.float() @ layer.lora_A.weight.float() * layer.scale  # (out, in)
+    return (weight.float() + delta.to(weight.device)).to(weight.dtype)
+
+
+@torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
     """W + s * B @ A, computed in float32, in place of every LoRA layer (a plain nn.Linear again). A 4-bit
     base layer is refused: its weights are not the original ones (load the base in full precision and
@@ -220,8 +227,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
         base = layer.base_layer
         if not isinstance(base, nn.Linear):
             raise ValueError(f"{name} is a {type(base).__name__}: LoRA merges into full-precision weights only")
-        delta = layer.lora_B.weight.float() @ layer.lora_A.weight.float() * layer.scale  # (out, in)
-        base.weight = nn.Parameter((base.weight.float() + delta).to(base.weight.dtype), requires_grad=False)
+        base.weight = nn.Parameter(merged_weight(layer, base.weight), requires_grad=False)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, base)
     return model

@@ -122,7 +122,7 @@ def finish(loop: "Loop"):
     if loop.reporter:
         loop.reporter.write_card(card(loop))
     if args.merge and run.rank == 0:
-        save_merged(args.out / "merged", loop.source, loop.model, args.no_final_softcap, adapter=args.out)
+        save_merged(args.out / "merged", loop.source, loop.model, args.no_final_softcap)
     if args.push_to_hub and run.rank == 0:
         push(args.out, args.push_to_hub, args.hub_private)
     if loop.reporter:
@@ -259,7 +259,7 @@ def build(args, given: set[str], run: Run, val_file: Path | None, saved) -> Loop
     autocast = torch.autocast(run.device.type, dtype=run.dtype, enabled=run.dtype != torch.float32)
     return Loop(args=args, run=run, model=model, root=root, loss_model=loss_model, params=params,
                 optimizer=optimizer, scaler=scaler, autocast=autocast, processor=processor,
-                loader=training_loader(draws, processor, args.max_len, list(order)), val_set=val_set, vae=vae,
+                loader=training_loader(draws, processor, args.max_len, list(order), args.seed), val_set=val_set, vae=vae,
                 source=source, lora_base=lora_base, data=data, options=run_options(args, steps),
                 reporter=reporter, start=start, steps=steps)
 
@@ -290,9 +290,9 @@ def build_model(args, run: Run, source: Path) -> tuple[PaliGemma, SuffixLossSum,
     device = torch.device("cpu") if args.fsdp else run.device  # --fsdp moves each process's shards
     try:
         # --quantize nf4: the frozen linear layers
-        quantize = (lambda layer: not learns(f"{layer}.weight")) if args.quantize else None
         model = PaliGemma.from_pretrained(source, dtype=lambda name: torch.float32 if learns(name) else run.dtype,
-                                          device=device, quantize=quantize)
+                                          device=device, quantize=args.quantize,
+                                          keep=lambda layer: learns(f"{layer}.weight"))
         for name, p in model.named_parameters():
             p.requires_grad_(learns(name))
         if args.trainable == "lora" and args.resume:

@@ -613,7 +613,7 @@ def test_a_nan_box_in_a_coco_export_is_skipped(tmp_path, capsys):
                                    segmentation=[[2, 2, 12, 2, 12, 12]])]}
     (tmp_path / "_annotations.coco.json").write_text(json.dumps(export))  # json writes NaN, as Python reads it
     convert.main(["coco-segment", str(tmp_path / "_annotations.coco.json"), "--vae", str(ROOT / "tiny" / "vae-tiny.npz")])
-    assert "1 instance(s) skipped" in capsys.readouterr().out
+    assert "1 boxes that are not numbers" in capsys.readouterr().out
     assert len(json.loads((tmp_path / "annotations.jsonl").read_text())["suffix"].split(" ; ")) == 1
 
 
@@ -782,3 +782,51 @@ def test_what_a_new_user_met(mqa_checkpoint, data, image, tmp_path, capsys):
     for script in ("train.py", "infer.py"):
         r = subprocess.run([sys.executable, ROOT / script, "--help"], capture_output=True, text=True, timeout=60)
         assert "(default: google/paligemma-3b-pt-224)" in " ".join(r.stdout.split()), r.stdout
+
+
+def test_the_lock_is_never_a_link_nor_another_kind_of_file(mqa_checkpoint, data, tmp_path, capsys):
+    """OUT/train.lock as a symbolic link would have train.py truncate its target and write its process id
+    there: refused, the target untouched; a FIFO or a folder in its place, refused too."""
+    out = tmp_path / "o"
+    out.mkdir()
+    (tmp_path / "victim.txt").write_text("precious")
+    (out / "train.lock").symlink_to(tmp_path / "victim.txt")
+    line = one_line_error(capsys, train.main, train_args(data, mqa_checkpoint, out, "--steps", "1"))
+    assert "train.lock is a symbolic link" in line and (tmp_path / "victim.txt").read_text() == "precious"
+    (out / "train.lock").unlink()
+    os.mkfifo(out / "train.lock")
+    assert "train.lock is not a regular file" in one_line_error(capsys, train.main, train_args(
+        data, mqa_checkpoint, out, "--steps", "1"))
+
+
+def test_a_lock_that_fails_for_another_reason(mqa_checkpoint, data, tmp_path, capsys, monkeypatch):
+    """lockf failing as on NFS without a lock daemon is said as it is, not as a run holding --out."""
+    import fcntl
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(fcntl, "lockf", no_locks)
+    line = one_line_error(capsys, train.main, train_args(data, mqa_checkpoint, tmp_path / "o", "--steps", "1"))
+    assert "train.lock cannot be locked (No locks available)" in line and "in use by another" not in line
+
+
+def test_report_files_that_are_folders_are_refused_first(mqa_checkpoint, data, tmp_path, capsys):
+    for name in ("metrics.png", "metrics.jsonl"):
+        (tmp_path / name / name).mkdir(parents=True)
+        assert f"{tmp_path / name / name} is a folder" in one_line_error(
+            capsys, train.main, train_args(data, mqa_checkpoint, tmp_path / name, "--steps", "1"))
+
+
+def test_a_full_disk_at_the_evaluation_picture(mqa_checkpoint, data, tmp_path, capsys, monkeypatch):
+    import report
+    real = report.write_atomically
+
+    def full_disk(path, write):
+        if path.suffix == ".jpg":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(path, write)
+    monkeypatch.setattr(report, "write_atomically", full_disk)
+    line = one_line_error(capsys, train.main, train_args(data, mqa_checkpoint, tmp_path / "o", "--steps", "2",
+                                                         "--eval-every", "0"))
+    assert "cannot write" in line and "step-2.jpg (No space left on device)" in line
+    assert checkpoint.read_train_state(tmp_path / "o", "cpu")[0]["step"] == 2  # saved before the final evaluation

@@ -197,3 +197,34 @@ def test_adapters_under_autocast_keep_one_copy_of_their_input():
             layer.forward = lambda x, layer=layer: LoRALinear.forward(layer, x.float()).to(x.dtype)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert torch.equal(attention(x, cos, sin, None), y.detach())
+
+
+def test_dropout_resumes_bit_for_bit(run_train, tmp_path, monkeypatch):
+    """--lora-dropout draws from torch's random numbers: their state is saved with the train state, so a
+    run stopped and resumed gives the uninterrupted run's adapter exactly (it differs from one without
+    dropout: the draws matter)."""
+    args = ["--trainable", "lora", "--lora-rank", "4", "--lr", "5e-2", "--steps", "6", "--eval-every", "0"]
+    straight = run_train(tmp_path / "straight", *args, "--lora-dropout", "0.3")
+    plain = run_train(tmp_path / "plain", *args)
+    resumed = stopped_then_resumed(run_train, monkeypatch, tmp_path / "resumed", *args, "--lora-dropout", "0.3",
+                                   step=3)
+    a, b, c = (load_file(f / "adapter_model.safetensors") for f in (straight, resumed, plain))
+    assert all(torch.equal(a[k], b[k]) for k in a) and not all(torch.equal(a[k], c[k]) for k in a)
+    assert json.loads((straight / "adapter_config.json").read_text())["lora_dropout"] == 0.3
+
+
+def test_merge_keeps_the_checkpoints_dtypes(run_train, mqa_checkpoint, tmp_path):
+    """--merge with --dtype bfloat16: the merged checkpoint holds the source's float32 weights, the vision
+    tower's exactly as they were, the merged layers W + s * B @ A computed in float32."""
+    out = run_train(tmp_path / "o", "--trainable", "lora", "--lora-rank", "4", "--lr", "5e-2", "--steps", "3",
+                    "--eval-every", "0", "--dtype", "bfloat16", "--merge")
+    source, merged = load_file(mqa_checkpoint / "model.safetensors"), load_file(out / "merged" / "model.safetensors")
+    vision = [k for k in merged if "vision_tower" in k]
+    assert vision and all(merged[k].dtype == torch.float32 for k in merged)
+    assert all(torch.equal(merged[k], source[k.replace("vision_model.", "")] if k not in source else source[k])
+               for k in vision)
+    adapter = load_file(out / "adapter_model.safetensors")
+    key = "language_model.model.layers.0.self_attn.q_proj.weight"
+    prefix = "base_model.model.model.language_model.layers.0.self_attn.q_proj"
+    delta = adapter[f"{prefix}.lora_B.weight"] @ adapter[f"{prefix}.lora_A.weight"] * (16 / 4)
+    assert torch.equal(merged[key], source[key] + delta)
