@@ -29,15 +29,18 @@ def group_size_for(in_features: int) -> int | None:
 
 
 def quantize(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A weight (out, in) -> codes int32 (out, in) in 0..15, and scales_and_zeros float32
-    (in / group_size, out, 2), as gpt-fast and torchao compute them (scale = (max - min) / 15)."""
+    """A weight (out, in) -> codes int32 (out, in) in 0..15, and scales_and_zeros bfloat16
+    (in / group_size, out, 2), as gpt-fast and torchao compute them (scale = (max - min) / 15), in the
+    dtype the kernels take them (converting them at every product would cost a pass over them)."""
     out_features, in_features = weight.shape
     groups = weight.detach().float().reshape(out_features, -1, group_size)  # (out, in / g, g)
     low, high = groups.amin(-1), groups.amax(-1)
-    scales = ((high - low) / 15).clamp(min=1e-6)
-    zeros = low + 8 * scales
+    scales = ((high - low) / 15).clamp(min=1e-6).to(torch.bfloat16).float()
+    zeros = (low + 8 * scales).to(torch.bfloat16).float()
+    low = zeros - 8 * scales  # the minimum as the kernel reads it back
     codes = ((groups - low[..., None]) / scales[..., None]).round().clamp(0, 15).to(torch.int32)
-    return codes.reshape(out_features, in_features), torch.stack([scales, zeros], -1).transpose(0, 1).contiguous()
+    scales_and_zeros = torch.stack([scales, zeros], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+    return codes.reshape(out_features, in_features), scales_and_zeros
 
 
 def pack(codes: torch.Tensor) -> torch.Tensor:
@@ -66,7 +69,7 @@ class Int4Linear(nn.Module):
                        dtype=torch.int32))
         self.register_buffer("packed", torch.empty(**packed, device=device), persistent=persistent)
         self.register_buffer("scales_and_zeros", torch.empty(in_features // (self.group_size or 1), out_features, 2,
-                                                             dtype=torch.float32, device=device),
+                                                             dtype=torch.bfloat16, device=device),
                              persistent=persistent)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) \
             if bias else None
@@ -85,10 +88,9 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
-        scales_and_zeros = self.scales_and_zeros.to(torch.bfloat16)
         if x.device.type == "cpu":
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group_size, scales_and_zeros)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group_size, self.scales_and_zeros)
         else:
-            y = torch.ops.aten._weight_int4pack_mm(flat, self.packed, self.group_size, scales_and_zeros)
+            y = torch.ops.aten._weight_int4pack_mm(flat, self.packed, self.group_size, self.scales_and_zeros)
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias

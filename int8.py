@@ -22,10 +22,12 @@ from torch import nn
 
 
 def quantize(weight: torch.Tensor) -> dict[str, torch.Tensor]:
-    """A weight (out, in) -> {"weight": int8 (out, in), "scales": float32 (out,)}."""
+    """A weight (out, in) -> {"weight": int8 (out, in), "scales": bfloat16 (out,)}: the scales in the
+    activations' dtype, as the kernel takes them (converting them at every product would read and write
+    them again each time)."""
     w = weight.detach().float()
-    scales = (w.abs().amax(1) / 127).clamp(min=1e-12)
-    return dict(weight=(w / scales[:, None]).round().clamp(-127, 127).to(torch.int8), scales=scales)
+    scales = (w.abs().amax(1) / 127).clamp(min=1e-12).to(torch.bfloat16)
+    return dict(weight=(w / scales.float()[:, None]).round().clamp(-127, 127).to(torch.int8), scales=scales)
 
 
 class Int8Linear(nn.Module):
@@ -39,7 +41,7 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features, self.dtype = in_features, out_features, dtype
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device),
                              persistent=persistent)
-        self.register_buffer("scales", torch.empty(out_features, dtype=torch.float32, device=device),
+        self.register_buffer("scales", torch.empty(out_features, dtype=torch.bfloat16, device=device),
                              persistent=persistent)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) \
             if bias else None
@@ -57,7 +59,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu":
             flat = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
-            y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales.to(torch.bfloat16))
+            y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales)
             y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         else:
             y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
@@ -65,4 +67,4 @@ class Int8Linear(nn.Module):
 
     def dequantized(self) -> torch.Tensor:
         """The weight (out, in) in self.dtype, as the products read it."""
-        return (self.weight.float() * self.scales[:, None]).to(self.dtype)
+        return (self.weight.float() * self.scales.float()[:, None]).to(self.dtype)
