@@ -67,20 +67,24 @@ def evaluate(args):
     except (OSError, ValueError) as e:
         fail(str(e))
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    rows, stopped = answer_all(model, processor, examples, args, device, autocast)
+    rows, at_limit, stopped = answer_all(model, processor, examples, args, device, autocast)
     summary, each = metrics.score(rows, vae) if rows else ({}, [])
     print(table(summary))
-    write_results(args, examples[:len(rows)], rows, summary, each, vae, stopped)
+    if at_limit:
+        print(f"{at_limit} answer(s) were ended by the limit of {args.max_new_tokens} tokens (--max-new-tokens)")
+    write_results(args, examples[:len(rows)], rows, summary, each, vae, stopped, at_limit)
     if stopped:
         print(f"{Path(sys.argv[0]).name}: stopped (Ctrl-C) after {len(rows)} of {len(examples)} examples; "
               f"their scores are in {args.out}", file=sys.stderr)
         sys.exit(130)
 
 
-def answer_all(model, processor, examples: list[dict], args, device, autocast) -> tuple[list[metrics.Row], bool]:
+def answer_all(model, processor, examples: list[dict], args, device, autocast
+               ) -> tuple[list[metrics.Row], int, bool]:
     """Every example answered, batch by batch, with a progress line on stderr every few seconds; Ctrl-C
-    ends it after the answers so far (returned, with True)."""
-    rows, start, shown = [], time.perf_counter(), 0.0
+    ends it after the answers so far. Returns them, how many the token limit ended, and whether it was
+    stopped."""
+    rows, at_limit, start, shown = [], 0, time.perf_counter(), 0.0
     try:
         for i in range(0, len(examples), args.batch_size):
             chunk = examples[i:i + args.batch_size]
@@ -89,6 +93,7 @@ def answer_all(model, processor, examples: list[dict], args, device, autocast) -
                                    device, autocast, not args.no_constrain, args.repeat_iou)
             rows += [metrics.Row(e["prefix"], a.text.strip(), e["references"], image.size)
                      for e, image, a in zip(chunk, images, answers)]
+            at_limit += sum(a.at_limit for a in answers)
             elapsed = time.perf_counter() - start
             if elapsed - shown > 5 or len(rows) == len(examples):
                 rate = len(rows) / elapsed
@@ -96,10 +101,10 @@ def answer_all(model, processor, examples: list[dict], args, device, autocast) -
                       f"{(len(examples) - len(rows)) / rate:.0f} s left", file=sys.stderr, flush=True)
                 shown = elapsed
     except KeyboardInterrupt:
-        return rows, True
+        return rows, at_limit, True
     except ValueError as e:  # load_image: an image gone or changed since the check
         fail(f"{e}; nothing was written")
-    return rows, False
+    return rows, at_limit, False
 
 
 def table(summary: dict[str, dict]) -> str:
@@ -120,7 +125,7 @@ def table(summary: dict[str, dict]) -> str:
 
 
 def write_results(args, examples: list[dict], rows: list[metrics.Row], summary: dict, each: list[dict], vae,
-                  stopped: bool):
+                  stopped: bool, at_limit: int):
     """predictions.jsonl, scores.json, images/ and index.html in --out, each file written whole."""
     out = args.out
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -131,7 +136,7 @@ def write_results(args, examples: list[dict], rows: list[metrics.Row], summary: 
     write_jsonl(out / "predictions.jsonl", predictions)
     write_json(out / "scores.json", dict(scores=summary, model=args.model, adapter=args.adapter, data=str(args.data),
                                          examples=len(rows), complete=not stopped, constrained=not args.no_constrain,
-                                         max_new_tokens=args.max_new_tokens))
+                                         max_new_tokens=args.max_new_tokens, answers_at_token_limit=at_limit))
     order = sorted(range(len(rows)), key=lambda i: worst_first(rows[i], each[i]))
     pictures = {i: picture(out, i, rows[i], examples[i], vae) for i in order}
     write_text(out / "index.html", page(args, summary, [(predictions[i], pictures[i]) for i in order], stopped))

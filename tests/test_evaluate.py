@@ -37,7 +37,7 @@ def test_scores_predictions_and_page(scenes, tmp_path, capsys):
     assert "caption (" in printed.out and "cider" in printed.out and "detect (" in printed.out
     assert "examples/s" in printed.err and "s left" in printed.err
     scores = json.loads((out / "scores.json").read_text())
-    assert scores["complete"] and scores["examples"] == 25
+    assert scores["complete"] and scores["examples"] == 25 and scores["answers_at_token_limit"] == 0
     assert {"caption", "answer", "detect"} <= scores["scores"].keys()
     predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert [p["line"] for p in predictions] == list(range(1, 26))
