@@ -47,7 +47,7 @@ from PIL import Image
 
 from cli import MAX_PIXELS, UserError, add_image_limit, fail, use_own_image_limit
 from data import check_images, parse_line
-from detections import loc_tokens, name_problem, segment_tokens
+from detections import loc_tokens, name_problem
 from files import new_output, write_jsonl
 
 

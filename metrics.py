@@ -446,28 +446,6 @@ def mask_iou(predicted: str, target: str, width: int, height: int, vae) -> float
     return float((p & t).sum() / max((p | t).sum(), 1))
 
 
-def repeated_boxes(answer: str) -> int:
-    """Boxes an answer writes again (the same box and label): each is a false positive for mAP."""
-    found = [(d.box, d.label) for d in parse_detections(answer, 1, 1)]
-    return len(found) - len(set(found))
-
-
-# ----------------------------------------------------------------------------------------------
-# Masks, repeated boxes
-
-
-def mask_iou(predicted: str, target: str, width: int, height: int, vae) -> float:
-    """IoU of the union of an answer's masks with the union of the target's (decoded by the VQ-VAE too)."""
-    def union(text):
-        masks = np.zeros((height, width), dtype=bool)
-        for d in parse_detections(text, width, height, vae):
-            if d.mask is not None:
-                masks |= d.mask
-        return masks
-    p, t = union(predicted), union(target)
-    return float((p & t).sum() / max((p | t).sum(), 1))
-
-
 def referring_iou(predicted: str, target: str, width: int, height: int, vae=None) -> tuple[float, float] | None:
     """big_vision's RefCOCO scores of one answer: the IoU of its first object's box with the target's (the
     best of the target's boxes, where it has several), and of the first object's mask with the target's

@@ -8,7 +8,8 @@ memory they hold.
     training_module   the step's module: decoder layers recomputed in backward, DDP, torch.compile, as asked
     unsharded_for     --fsdp: the root's weights gathered whole for an evaluation
     stop_on_signals   Ctrl-C, SIGTERM, SIGHUP: recorded, so that the loop saves at the end of the step and stops
-    leave             the end of a process (under torchrun: without Python's teardown, which can abort it)
+                      (stop_now raises Stopped); a second Ctrl-C ends the process at once, as asked
+    leave             how a tool ends its process (under torchrun: without Python's teardown, which can abort it)
     check_images      an image gone in any process stops every process, saved
     memory_is_enough  out of memory as one line (a cli.UserError) that says what to lower
 
@@ -100,12 +101,20 @@ def stop_on_signals(run: Run, out: Path):
         signal.signal(sig, on_signal)
 
 
+class Stopped(Exception):
+    """A signal stopped the run, saved: the tool ends the process with `code` (130 / 143 / 129)."""
+
+    def __init__(self, code: int):
+        super().__init__(f"stopped by signal {code - 128}")
+        self.code = code
+
+
 def stop_now(run: Run, step: int, save=None):
-    """After a signal (in any process): `save(step)` (unless saved) and exit 130 / 143 / 129: not finished."""
+    """After a signal (in any process): `save(step)` (unless saved), and Stopped: not finished."""
     if save:
         save(step)
     log(f"stopped at step {step}; continue with --resume")
-    leave(128 + run.stopped())
+    raise Stopped(128 + run.stopped())
 
 
 def leave(code: int):

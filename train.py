@@ -49,7 +49,7 @@ from data import Draws, batches_until_closed, default_val_file, micro_batches, r
 from paligemma import TRAINABLE, PaliGemma, SuffixLossSum, count_targets
 from processor import Processor
 from report import Progress, Reporter, check_hub, model_card, push, require
-from run import (Run, check_images, leave, log_memory, memory_is_enough, setup, shard, stop_now, stop_on_signals,
+from run import (Run, Stopped, check_images, leave, log_memory, memory_is_enough, setup, shard, stop_now, stop_on_signals,
                  training_module, unsharded_for)
 from vqvae import VQVAE
 
@@ -63,6 +63,8 @@ def main(argv=None):
             loop = build(args, given, run, val_file, saved)
             train(loop)
             finish(loop)
+    except Stopped as e:  # a signal: saved at the end of the step
+        leave(e.code)
     except UserError as e:
         print_error(str(e), e.details)
         leave(2)  # sys.exit, or under torchrun the end without Python's teardown (run.leave says why)
@@ -70,6 +72,8 @@ def main(argv=None):
         print(f"{Path(sys.argv[0]).name}: stopped (Ctrl-C) before training began; no checkpoint was written",
               file=sys.stderr, flush=True)
         sys.exit(130)
+    if dist.is_initialized():
+        leave(0)  # under torchrun a process ends this way: run.leave says why
 
 
 def train(loop: "Loop"):
@@ -127,8 +131,6 @@ def finish(loop: "Loop"):
         push(args.out, args.push_to_hub, args.hub_private)
     if loop.reporter:
         loop.reporter.close()
-    if dist.is_initialized():
-        leave(0)  # under torchrun a process ends this way: run.leave says why
 
 
 # ----------------------------------------------------------------------------------------------
@@ -401,16 +403,7 @@ def options() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace the checkpoint that --out holds by a new run")
     p.add_argument("--trainable", choices=[*TRAINABLE, "lora"], default="attn",
                    help="attn: the decoder's q/k/v/o; llm: the decoder; all; lora: low-rank adapters (--lora-*)")
-    p.add_argument("--lora-rank", type=number(int, 1), default=None, help=f"LoRA rank r (default {lora.RANK})")
-    p.add_argument("--lora-alpha", type=number(float, 0, above=True), default=None,
-                   help=f"LoRA scale alpha; the update is scaled by alpha / r (default {lora.ALPHA:g})")
-    p.add_argument("--lora-targets", type=lora_targets, default=None,
-                   help=f"comma-separated, of {', '.join(lora.ATTENTION + lora.MLP)} "
-                   f"(default: {','.join(lora.ATTENTION)})")
-    p.add_argument("--lora-dropout", type=number(float, 0, 0.99), default=None,
-                   help=f"on the adapters' input (default {lora.DROPOUT:g})")
-    p.add_argument("--rslora", action="store_true", help="scale by alpha / sqrt(r) (rank-stabilised LoRA)")
-    p.add_argument("--merge", action="store_true", help="LoRA: also write the merged model into OUT/merged/")
+    add_lora_options(p)
     add_quantize_option(p, ["nf4"], "keep the frozen linear weights in 4 bits (NF4, as bitsandbytes): with "
                         "--trainable lora (QLoRA) or attn")
     p.add_argument("--steps", type=number(int, 1), default=None, help="optimizer steps (default: --epochs)")
@@ -453,6 +446,20 @@ def options() -> argparse.ArgumentParser:
                    help="at the end, upload the checkpoint (or adapter) and its model card to this hub repo")
     p.add_argument("--hub-private", action="store_true", help="with --push-to-hub: create the repo private")
     return p
+
+
+def add_lora_options(p: argparse.ArgumentParser):
+    """--trainable lora's options; their defaults are lora.py's."""
+    p.add_argument("--lora-rank", type=number(int, 1), default=None, help=f"LoRA rank r (default {lora.RANK})")
+    p.add_argument("--lora-alpha", type=number(float, 0, above=True), default=None,
+                   help=f"LoRA scale alpha; the update is scaled by alpha / r (default {lora.ALPHA:g})")
+    p.add_argument("--lora-targets", type=lora_targets, default=None,
+                   help=f"comma-separated, of {', '.join(lora.ATTENTION + lora.MLP)} "
+                   f"(default: {','.join(lora.ATTENTION)})")
+    p.add_argument("--lora-dropout", type=number(float, 0, 0.99), default=None,
+                   help=f"on the adapters' input (default {lora.DROPOUT:g})")
+    p.add_argument("--rslora", action="store_true", help="scale by alpha / sqrt(r) (rank-stabilised LoRA)")
+    p.add_argument("--merge", action="store_true", help="LoRA: also write the merged model into OUT/merged/")
 
 
 # What --resume does with each option. train_state.pt keeps the run's options; an option the command line

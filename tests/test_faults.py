@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 
 import checkpoint
-import run
 import train
 from paligemma import PaliGemma
 
