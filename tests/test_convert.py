@@ -270,3 +270,16 @@ def test_output_rules(tmp_path):
     assert "exists: replace it with --overwrite" in one_line_error(["coco-detect", path])
     assert "is one of the input files" in one_line_error(["coco-detect", path, "--out", path])
     assert (tmp_path / "annotations.jsonl").read_text() == "mine" and json.loads(path.read_text())["images"]
+
+
+def test_a_nan_box_in_a_coco_export_is_skipped(tmp_path, capsys):
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.jpg")
+    export = {"images": [dict(id=1, file_name="a.jpg", width=32, height=32)], "categories": [dict(id=1, name="x")],
+              "annotations": [dict(id=1, image_id=1, category_id=1, bbox=[float("nan"), 2, 10, 10],
+                                   segmentation=[[2, 2, 12, 2, 12, 12]]),
+                              dict(id=2, image_id=1, category_id=1, bbox=[2, 2, 10, 10],
+                                   segmentation=[[2, 2, 12, 2, 12, 12]])]}
+    (tmp_path / "_annotations.coco.json").write_text(json.dumps(export))  # json writes NaN, as Python reads it
+    convert.main(["coco-segment", str(tmp_path / "_annotations.coco.json"), "--vae", str(ROOT / "tiny" / "vae-tiny.npz")])
+    assert "1 boxes that are not numbers" in capsys.readouterr().out
+    assert len(json.loads((tmp_path / "annotations.jsonl").read_text())["suffix"].split(" ; ")) == 1

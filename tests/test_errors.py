@@ -1,5 +1,8 @@
 """Every bad input to train.py and infer.py is one line on stderr and exit code 2, never a traceback, and
-nothing a user has is overwritten: each case is the command's arguments and a fragment of the message."""
+nothing a user has is overwritten: each case is the command's arguments and a fragment of the message.
+One section per input surface: train.py's options; --out, --model and --resume; the data; what happens
+while it runs; checkpoints and adapters (of both tools and the Python API); infer.py. evaluate.py's and
+convert.py's are in their own test files, the Python API's beside their modules' tests."""
 
 import errno
 import json
@@ -7,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,25 +24,43 @@ import data as data_py
 import infer
 import train
 from conftest import make_dataset, random_images, rewrite_official
-from paligemma import PaliGemma, read_config
-from processor import Processor, load_image
+from paligemma import PaliGemma
+from processor import Processor
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def one_line_error(capsys, main, argv) -> str:
-    """Runs a command's main in this process; it must exit with code 2 and one error line."""
+def one_line_error(capsys, main, argv, stdout_empty=False) -> str:
+    """Runs a command's main in this process; it must exit with code 2 and one error line (and,
+    with `stdout_empty`, print nothing on stdout, where infer.py writes its answers)."""
     with pytest.raises(SystemExit) as e:
         main([str(a) for a in argv])
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert not (stdout_empty and out), out
     assert e.value.code == 2, err
     lines = [line for line in err.splitlines() if ": error: " in line]
     assert len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
 
 
+def after_log_line(monkeypatch, start: str, action):
+    """train.py's log, with `action()` run just after the line that starts with `start`."""
+    real_log = train.log
+
+    def log(*args, **kwargs):
+        real_log(*args, **kwargs)
+        if str(args[0]).startswith(start):
+            action()
+    monkeypatch.setattr(train, "log", log)
+
+
+def train_args(data, model, out, *extra):
+    return ["--data", data, "--model", model, "--out", out, "--batch-size", "4", "--log-every", "1", *extra]
+
+
 # ----------------------------------------------------------------------------------------------
 # train.py: options, checked when parsed
+
 
 OPTIONS = [
     (["--steps", "0"], "argument --steps: must be an integer >= 1, not 0"),
@@ -72,7 +94,7 @@ def test_train_options(extra, expected, mqa_checkpoint, data, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------------
-# train.py: --out, --model, --resume
+# train.py: --out, --model and --resume, before anything is loaded
 
 
 def out_is_a_file(tmp, ckpt, data):
@@ -164,8 +186,108 @@ def test_resume_checks(trained, data, tmp_path, capsys):
     assert "is at step 2 already" in one_line_error(capsys, train.main, args + ["--out", out, "--steps", "2"])
 
 
+def test_resume_with_changed_options(trained, data, tmp_path, capsys):
+    """Each option is applied and said, or refused naming both values (README: What the tools promise)."""
+    def resume(name, *extra):
+        out = shutil.copytree(trained, tmp_path / name)
+        train.main([str(a) for a in train_args(data, "unused/hub-id", out, "--steps", "3", "--eval-every", "0",
+                                               "--resume", *extra)])
+        return out, capsys.readouterr().out
+    plain, _ = resume("plain")
+    decayed, said = resume("decay", "--weight-decay", "0.5")
+    assert "--resume: --weight-decay 0.5 from here on (the run had 0.0)" in said
+    a, b = (PaliGemma.from_pretrained(f).state_dict() for f in (plain, decayed))
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # the new weight decay takes effect
+    _, said = resume("longer", "--steps", "6")
+    assert "--resume: the schedule now ends at step 6 (the run's at 2)" in said
+    other = shutil.copy(data, tmp_path / "changed.jsonl")
+    Path(other).write_text(Path(other).read_text().replace("what colour", "which colour"))
+    for f in data.parent.glob("train.jsonl-*.png"):
+        shutil.copy(f, tmp_path)
+    out = shutil.copytree(trained, tmp_path / "changed-data")
+    train.main([str(a) for a in train_args(other, "unused/hub-id", out, "--steps", "3", "--eval-every", "0",
+                                           "--resume")])
+    assert "is not the data the run began with" in capsys.readouterr().out
+    out = shutil.copytree(trained, tmp_path / "batch")
+    assert "was trained with --batch-size 4, not 2" in one_line_error(
+        capsys, train.main, train_args(data, "unused/hub-id", out, "--steps", "3", "--resume", "--batch-size", "2"))
+
+
+def test_a_train_state_without_an_entry(trained, data, tmp_path, capsys):
+    out = shutil.copytree(trained, tmp_path / "o")
+    state = torch.load(out / "train_state.pt")
+    del state["scaler"]
+    torch.save(state, out / "train_state.pt")
+    assert "train_state.pt has no scaler" in one_line_error(
+        capsys, train.main, train_args(data, "unused/hub-id", out, "--steps", "3", "--resume"))
+
+
+def test_an_adapter_resumed_on_another_base(adapter_run, data, tmp_path, capsys):
+    out = shutil.copytree(adapter_run, tmp_path / "o")
+    assert "is an adapter of" in one_line_error(capsys, train.main, train_args(
+        data, "other/base-model", out, "--steps", "2", "--trainable", "lora", "--resume"))
+
+
+def test_a_second_run_into_the_same_out_is_refused(mqa_checkpoint, data, tmp_path, capsys):
+    hold = (f"import sys, time; from pathlib import Path; sys.path.insert(0, {str(ROOT)!r}); import checkpoint; "
+            f"lock = checkpoint.lock_out_folder(Path({str(tmp_path / 'o')!r})); print('locked', flush=True); "
+            "time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"  # as a first run holds it
+    line = one_line_error(capsys, train.main, train_args(data, mqa_checkpoint, tmp_path / "o", "--steps", "1"))
+    assert f"is in use by another train.py run (process {holder.pid})" in line
+    holder.kill()  # the first run dies: the kernel releases its lock
+    holder.wait()
+    train.main([str(a) for a in train_args(data, mqa_checkpoint, tmp_path / "o", "--steps", "1", "--eval-every",
+                                           "0")])
+
+
+def test_the_lock_is_never_a_link_nor_another_kind_of_file(mqa_checkpoint, data, tmp_path, capsys):
+    """OUT/train.lock as a symbolic link would have train.py truncate its target and write its process id
+    there: refused, the target untouched; a FIFO or a folder in its place, refused too."""
+    out = tmp_path / "o"
+    out.mkdir()
+    (tmp_path / "victim.txt").write_text("precious")
+    (out / "train.lock").symlink_to(tmp_path / "victim.txt")
+    line = one_line_error(capsys, train.main, train_args(data, mqa_checkpoint, out, "--steps", "1"))
+    assert "train.lock is a symbolic link" in line and (tmp_path / "victim.txt").read_text() == "precious"
+    (out / "train.lock").unlink()
+    os.mkfifo(out / "train.lock")
+    assert "train.lock is not a regular file" in one_line_error(capsys, train.main, train_args(
+        data, mqa_checkpoint, out, "--steps", "1"))
+
+
+def test_a_lock_that_fails_for_another_reason(mqa_checkpoint, data, tmp_path, capsys, monkeypatch):
+    """lockf failing as on NFS without a lock daemon is said as it is, not as a run holding --out."""
+    import fcntl
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(fcntl, "lockf", no_locks)
+    line = one_line_error(capsys, train.main, train_args(data, mqa_checkpoint, tmp_path / "o", "--steps", "1"))
+    assert "train.lock cannot be locked (No locks available)" in line and "in use by another" not in line
+
+
+def test_report_files_that_are_folders_are_refused_first(mqa_checkpoint, data, tmp_path, capsys):
+    for name in ("metrics.png", "metrics.jsonl"):
+        (tmp_path / name / name).mkdir(parents=True)
+        assert f"{tmp_path / name / name} is a folder" in one_line_error(
+            capsys, train.main, train_args(data, mqa_checkpoint, tmp_path / name, "--steps", "1"))
+
+
+def test_out_dangling_symlink_and_deleted(mqa_checkpoint, data, tmp_path, capsys, monkeypatch):
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    assert "is a symbolic link to" in one_line_error(capsys, train.main, train_args(data, mqa_checkpoint,
+                                                                                    tmp_path / "link"))
+    after_log_line(monkeypatch, "step 2/", lambda: shutil.rmtree(tmp_path / "o"))
+    train.main([str(a) for a in train_args(data, mqa_checkpoint, tmp_path / "o", "--steps", "2", "--eval-every",
+                                           "0")])
+    assert "was deleted during training; it is made again" in capsys.readouterr().out
+    PaliGemma.from_pretrained(tmp_path / "o")
+
+
 # ----------------------------------------------------------------------------------------------
-# train.py: data
+# train.py: data, every line checked before training starts
 
 
 def write_lines(tmp, data, *lines: bytes) -> Path:
@@ -181,6 +303,10 @@ def line(image, prefix="caption en", suffix="x") -> bytes:
     return json.dumps({"image": str(image), "prefix": prefix, "suffix": suffix}).encode()
 
 
+def surrogate(tmp):
+    return b'{"image": "train.jsonl-0.png", "prefix": "caption \\ud800en", "suffix": "x"}'
+
+
 DATA = [
     ("non-UTF-8", lambda tmp: line("train.jsonl-0.png").replace(b"caption", b"capti\xff\xfeon"),
      ":5: not UTF-8 text (byte "),
@@ -190,18 +316,55 @@ DATA = [
      "empty.png: is an empty file"),
     ("file name too long", lambda tmp: line("x" * 300 + ".png"), ": file name too long for this system"),
     ("no room for the answer", lambda tmp: line("train.jsonl-0.png", prefix="caption en " + "word " * 40),
-     "--max-len 16 leaves no room for the answer"),
+     "--max-len 32 leaves no room for the answer"),
+    ("a lone surrogate", surrogate, "prefix holds '\\ud800', half of a UTF-16 pair: not text"),
+    ("nested brackets", lambda tmp: b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    ("a FIFO as the image", lambda tmp: os.mkfifo(tmp / "pipe.png") or line("pipe.png"), "is a FIFO (named pipe)"),
+    ("/dev/zero as the image", lambda tmp: line("/dev/zero"), "/dev/zero: is a character device"),
+    ("a 13000 x 13000 image", lambda tmp: Image.new("1", (13000, 13000)).save(tmp / "big.png") or line("big.png"),
+     "big.png: is 13000 x 13000 pixels, more than the limit of 89,478,485 (--max-image-pixels raises it)"),
 ]
 
 
 @pytest.mark.parametrize("name, bad_line, expected", DATA, ids=[d[0] for d in DATA])
-def test_train_bad_data(name, bad_line, expected, mqa_checkpoint, data, tmp_path, capsys):
+@pytest.mark.parametrize("where", ["--data", "--val"])
+def test_bad_data(name, bad_line, expected, where, mqa_checkpoint, data, tmp_path, capsys):
+    """One line naming the file and line, in the training file or the validation file; --skip-bad skips it."""
     path = write_lines(tmp_path, data, bad_line(tmp_path))
+    files = {"--data": data, "--val": data.parent / "valid.jsonl"} | {where: path}
+    argv = train_args(files["--data"], mqa_checkpoint, tmp_path / "o", "--val", files["--val"], "--steps", "1",
+                      "--max-len", "32")
     with pytest.raises(SystemExit) as e:
-        train.main(["--data", str(path), "--model", str(mqa_checkpoint), "--out", str(tmp_path / "o"),
-                    "--max-len", "16"])
+        train.main([str(a) for a in argv])
     err = capsys.readouterr().err
     assert e.value.code == 2 and f"{path}:5: " in err and expected in err and "Traceback" not in err, err
+    train.main([str(a) for a in argv + ["--skip-bad", "--eval-every", "0"]])
+    assert f"skipped 1 bad line(s), e.g. {path}:5: " in capsys.readouterr().out
+
+
+def test_bad_lines_are_reported_with_file_and_line(run_train, data, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    good = data.read_text().splitlines()
+    for name in ("train.jsonl-0.png", "train.jsonl-1.png", "train.jsonl-2.png", "train.jsonl-3.png"):
+        (tmp_path / name).write_bytes((data.parent / name).read_bytes())
+    bad.write_text("\n".join(good[:4] + [
+        "{not json",
+        json.dumps({"image": "train.jsonl-0.png", "prefix": "caption en"}),
+        json.dumps({"image": "missing.png", "prefix": "caption en", "suffix": "x"}),
+        json.dumps({"image": "broken.png", "prefix": "caption en", "suffix": "x"}),
+    ]) + "\n")
+    with pytest.raises(SystemExit) as e:
+        run_train(tmp_path / "o", "--steps", "1", data=bad)
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert f"{bad}:5: not valid JSON" in err
+    assert f"{bad}:6: missing or not a string: suffix" in err
+    assert f"{bad}:7: image {tmp_path / 'missing.png'}: no such image file" in err
+    assert f"{bad}:8: image {tmp_path / 'broken.png'}: cannot be decoded" in err
+    assert "4 bad line(s)" in err
+    run_train(tmp_path / "o", "--steps", "1", "--skip-bad", data=bad)
+    assert "skipped 4 bad line(s)" in capsys.readouterr().out
 
 
 def test_data_file_errors(mqa_checkpoint, data, tmp_path, capsys, monkeypatch):
@@ -223,23 +386,11 @@ def test_utf8_bom_is_accepted(mqa_checkpoint, data, tmp_path):
     assert (tmp_path / "o" / "model.safetensors").exists()
 
 
-def test_image_gone_during_training(trained, data, tmp_path, capsys, monkeypatch):
-    """An image deleted after the data check: the run stops naming it; the checkpoint it resumed stays."""
-    path = write_lines(tmp_path, data)
-    out = shutil.copytree(trained, tmp_path / "o")
-    before = (out / "model.safetensors").read_bytes()
-    real_log = train.log
-
-    def delete_after_check(*args, **kwargs):
-        real_log(*args, **kwargs)
-        if str(args[0]).startswith("resumed from"):
-            for f in tmp_path.glob("train.jsonl-*.png"):
-                f.unlink()
-    monkeypatch.setattr(train, "log", delete_after_check)
-    line = one_line_error(capsys, train.main, ["--data", path, "--model", "unused/hub-id", "--out", out, "--steps", "4",
-                                               "--batch-size", "4", "--resume"])
-    assert "no such image file; stopped before step 3" in line and "--resume" in line
-    assert (out / "model.safetensors").read_bytes() == before
+def test_a_long_validation_prompt_is_refused_before_training(mqa_checkpoint, data, tmp_path, capsys):
+    val = write_lines(tmp_path, data, line("train.jsonl-0.png", prefix="caption en " + "word " * 40))
+    line_ = one_line_error(capsys, train.main, train_args(data, mqa_checkpoint, tmp_path / "o", "--val", val,
+                                                          "--max-len", "16"))
+    assert "1 bad line(s)" in line_ and not (tmp_path / "o" / "model.safetensors").exists()
 
 
 def test_large_images_are_decoded_one_at_a_time(data, monkeypatch):
@@ -259,6 +410,47 @@ def test_large_images_are_decoded_one_at_a_time(data, monkeypatch):
     assert len(data_py.read_jsonl(data, skip_bad=False)) == 16 and most[0] == 1
 
 
+def test_vae_files_that_are_not_npz(mqa_checkpoint, data, tmp_path, capsys):
+    np.save(tmp_path / "vae.npy", np.zeros(3))
+    (tmp_path / "corrupt.npz").write_bytes(b"PK\x03\x04" + b"\x00" * 100)
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.jpg")
+    (tmp_path / "c.json").write_text(json.dumps({"images": [], "annotations": [], "categories": []}))
+    for vae, expected in ((tmp_path / "vae.npy", "a single array (.npy), not an npz archive"),
+                          (tmp_path / "corrupt.npz", "corrupt.npz: not a readable npz file")):
+        assert expected in one_line_error(capsys, train.main, train_args(data, mqa_checkpoint, tmp_path / "o",
+                                                                         "--vae", vae))
+        line_ = one_line_error(capsys, convert.main, ["coco-segment", tmp_path / "c.json", "--vae", vae])
+        assert "--vae: " in line_ and expected in line_
+
+
+# ----------------------------------------------------------------------------------------------
+# train.py: while it runs (an image gone, a full disk, memory)
+
+
+def test_image_gone_during_training(trained, data, tmp_path, capsys, monkeypatch):
+    """An image deleted after the data check: the run stops naming it; the checkpoint it resumed stays."""
+    path = write_lines(tmp_path, data)
+    out = shutil.copytree(trained, tmp_path / "o")
+    before = (out / "model.safetensors").read_bytes()
+    after_log_line(monkeypatch, "resumed from", lambda: [f.unlink() for f in tmp_path.glob("train.jsonl-*.png")])
+    line = one_line_error(capsys, train.main, ["--data", path, "--model", "unused/hub-id", "--out", out, "--steps", "4",
+                                               "--batch-size", "4", "--resume"])
+    assert "no such image file; stopped before step 3" in line and "--resume" in line
+    assert (out / "model.safetensors").read_bytes() == before
+
+
+def test_a_validation_image_gone_saves_first(mqa_checkpoint, tmp_path, capsys, monkeypatch):
+    """The evaluation of step 2 meets a deleted validation image: step 2 is saved, then one line names it."""
+    folder = tmp_path / "d"
+    make_dataset(folder, 8, "valid.jsonl", seed=1)
+    data = make_dataset(folder, 8, "train.jsonl")
+    after_log_line(monkeypatch, "step 1/", lambda: [f.unlink() for f in folder.glob("valid.jsonl-*.png")])
+    line = one_line_error(capsys, train.main, train_args(data, mqa_checkpoint, tmp_path / "o", "--steps", "4",
+                                                         "--eval-every", "2"))
+    assert "evaluation at step 2: image" in line and "valid.jsonl-0.png: no such image file" in line
+    assert "saved at step 2" in line and checkpoint.read_train_state(tmp_path / "o", "cpu")[0]["step"] == 2
+
+
 def test_disk_full_during_save(trained, data, tmp_path, capsys, monkeypatch):
     out = shutil.copytree(trained, tmp_path / "o")
     before = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file() and f.name != "train.lock"}
@@ -275,13 +467,53 @@ def test_disk_full_during_save(trained, data, tmp_path, capsys, monkeypatch):
         {k: v for k, v in before.items() if k != "metrics.jsonl"}  # the step-2 checkpoint, and no temporary file
 
 
+def test_the_metrics_file_on_a_full_disk(trained, data, tmp_path, capsys, monkeypatch):
+    import report
+    out = shutil.copytree(trained, tmp_path / "o")
+    weights = (out / "model.safetensors").read_bytes()
+
+    def full(path, mode="r", *args, **kwargs):
+        if str(path).endswith("metrics.jsonl") and mode == "a":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return open(path, mode, *args, **kwargs)
+    monkeypatch.setattr(report, "open", full, raising=False)
+    line = one_line_error(capsys, train.main, train_args(data, "unused/hub-id", out, "--steps", "3", "--resume"))
+    assert "cannot write" in line and "metrics.jsonl (No space left on device)" in line and "is intact" in line
+    assert (out / "model.safetensors").read_bytes() == weights
+
+
+def test_a_full_disk_at_the_evaluation_picture(mqa_checkpoint, data, tmp_path, capsys, monkeypatch):
+    import report
+    real = report.write_atomically
+
+    def full_disk(path, write):
+        if path.suffix == ".jpg":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(path, write)
+    monkeypatch.setattr(report, "write_atomically", full_disk)
+    line = one_line_error(capsys, train.main, train_args(data, mqa_checkpoint, tmp_path / "o", "--steps", "2",
+                                                         "--eval-every", "0"))
+    assert "cannot write" in line and "step-2.jpg (No space left on device)" in line
+    assert checkpoint.read_train_state(tmp_path / "o", "cpu")[0]["step"] == 2  # saved before the final evaluation
+
+
 def test_saved_files_have_the_mode_of_their_siblings(trained):
     modes = {f.name: f.stat().st_mode & 0o777 for f in trained.iterdir() if f.is_file()}
     assert len(set(modes.values())) == 1, modes
 
 
+def test_out_of_memory_says_what_to_lower(mqa_checkpoint, data, tmp_path, capsys, monkeypatch):
+    def oom(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+    monkeypatch.setattr(train, "forward_backward", oom)
+    line_ = one_line_error(capsys, train.main, train_args(data, mqa_checkpoint, tmp_path / "o", "--steps", "1",
+                                                          "--eval-every", "0"))
+    assert "out of memory at step 1" in line_ and "lower --batch-size (4), or add --grad-checkpointing, or add " \
+        "--quantize nf4" in line_
+
+
 # ----------------------------------------------------------------------------------------------
-# Checkpoints, as --model of either tool and through the Python API
+# Checkpoints and adapters, as --model of either tool and through the Python API
 
 
 def broken(tmp, ckpt, edit) -> Path:
@@ -334,331 +566,6 @@ CHECKPOINTS = [
         else "model-00002-of-00002.safetensors"}}), "puts language_model.model.norm.weight in model-0000"),
     ("corrupt tokenizer", lambda t, c: broken(t, c, lambda f: (f / "tokenizer.model").write_bytes(b"garbage")),
      "tokenizer.model: not a readable SentencePiece model"),
-]
-
-
-@pytest.mark.parametrize("name, make, expected", CHECKPOINTS, ids=[c[0] for c in CHECKPOINTS])
-def test_broken_checkpoints(name, make, expected, mqa_checkpoint, data, tmp_path, capsys):
-    folder = make(tmp_path, mqa_checkpoint)
-    with pytest.raises((ValueError, OSError), match=".") as e:
-        PaliGemma.from_pretrained(folder)
-        Processor.from_pretrained(folder)
-    assert expected in str(e.value)
-    for main, argv in ((train.main, ["--data", data, "--out", tmp_path / "o"]),
-                       (infer.main, ["--image", data.parent / "train.jsonl-0.png", "--prompt", "caption en"])):
-        assert expected in one_line_error(capsys, main, ["--model", folder, *argv])
-
-
-def test_config_layer_types_must_fit(mqa_checkpoint, tmp_path):
-    folder = broken(tmp_path, mqa_checkpoint, lambda f: None)
-    config = json.loads((folder / "config.json").read_text())
-    config["text_config"] |= {"model_type": "gemma2", "layer_types": ["full_attention"]}
-    (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="layer_types has 1 entries for 2 layers"):
-        read_config(folder / "config.json")
-
-
-# ----------------------------------------------------------------------------------------------
-# infer.py
-
-
-@pytest.fixture(scope="module")
-def image(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("infer") / "a.png"
-    random_images(1)[0].save(path)
-    return path
-
-
-def bomb(tmp):
-    Image.new("L", (15000, 15000)).save(tmp / "bomb.png")  # 225 megapixels, a few hundred KB as PNG
-    return tmp / "bomb.png"
-
-
-INFER = [
-    (["--temperature", "-1"], "argument --temperature: must be a number >= 0"),
-    (["--temperature", "inf"], "argument --temperature: must be a number >= 0, not inf"),
-    (["--temperature", "nan"], "argument --temperature: must be a number >= 0, not nan"),
-    (["--top-p", "0"], "argument --top-p: must be a number in (0, 1], not 0"),
-    (["--top-p", "1.5"], "argument --top-p: must be a number in (0, 1]"),
-    (["--top-k", "-3"], "argument --top-k: must be an integer >= 0"),
-    (["--max-new-tokens", "0"], "argument --max-new-tokens: must be an integer >= 1"),
-    (["--device", "nonsense"], "--device 'nonsense' is not a device name"),
-    (lambda tmp, image: ["--out", tmp], "is a folder; give a file name"),
-    (lambda tmp, image: ["--out", tmp / "boxes"], "give an image file name ending in .png or .jpg"),
-    (lambda tmp, image: ["--out", tmp / "boxes.xyz"], "give an image file name ending in .png or .jpg"),
-    (lambda tmp, image: ["--out", tmp / "missing" / "boxes.png"], "the folder " + "{tmp}/missing does not exist"),
-    (lambda tmp, image: ["--out", image], "is one of the input images; it would be overwritten"),
-    (lambda tmp, image: ["--image", image.with_name("a_1.png"), "--out", image], "a_1.png is one of the input images"),
-    (lambda tmp, image: ["--image", tmp], "is a directory, not an image file"),
-    (lambda tmp, image: ["--image", bomb(tmp)], "bomb.png: is 15000 x 15000 pixels, more than the limit of 89,478,485"),
-    (lambda tmp, image: ["--vae", tmp / "vae-oid.npz"], "--vae {tmp}/vae-oid.npz: no such file"),
-]
-
-
-@pytest.mark.parametrize("case, expected", INFER, ids=[str(i) for i in range(len(INFER))])
-def test_infer_errors(case, expected, mqa_checkpoint, image, tmp_path, capsys):
-    extra = case(tmp_path, image) if callable(case) else case
-    before = image.read_bytes()
-    argv = ["--model", mqa_checkpoint, "--image", image, "--prompt", "caption en", *extra]
-    assert expected.format(tmp=tmp_path) in one_line_error(capsys, infer.main, argv)
-    assert image.read_bytes() == before
-
-
-def test_infer_out_not_writable(mqa_checkpoint, image, tmp_path, capsys, monkeypatch):
-    real_access = os.access
-    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != tmp_path and real_access(p, mode))
-    line = one_line_error(capsys, infer.main, ["--model", mqa_checkpoint, "--image", image, "--prompt", "caption en",
-                                               "--out", tmp_path / "boxes.png"])
-    assert "not writable (permission denied)" in line
-
-
-def test_errors_as_a_user_sees_them(mqa_checkpoint, image, tmp_path):
-    """The real command lines: exit code 2, one line, no traceback."""
-    for script, args in (("train.py", ["--data", tmp_path / "nope.jsonl", "--model", mqa_checkpoint, "--out",
-                                       tmp_path / "o"]),
-                         ("infer.py", ["--model", mqa_checkpoint, "--image", image, "--prompt", "x", "--out", image])):
-        r = subprocess.run([sys.executable, ROOT / script, *map(str, args)], capture_output=True, text=True,
-                           timeout=120)
-        assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith(f"{script}: error: "), r.stderr
-
-
-# ----------------------------------------------------------------------------------------------
-# The Python API
-
-
-def test_processor_wants_pil_images(mqa_checkpoint):
-    processor = Processor.from_pretrained(mqa_checkpoint)
-    for thing, expected in ((None, "got NoneType"), ("cat.jpg", "got str: open files with processor.load_image"),
-                            (np.zeros((8, 8, 3), np.uint8), "got ndarray")):
-        with pytest.raises(TypeError, match=f"expected a PIL image, {expected}"):
-            processor([thing], ["caption en"])
-
-
-def test_wrong_resolution_names_the_expected_one(mqa_checkpoint):
-    model = PaliGemma.from_pretrained(mqa_checkpoint)
-    batch = Processor.from_pretrained(mqa_checkpoint)(random_images(1), ["caption en"])
-    with pytest.raises(ValueError, match=r"this model takes images of 28x28 pixels, as \(B, 3, 28, 28\)"):
-        model(batch["input_ids"], torch.zeros(1, 3, 56, 56))
-
-
-def test_high_bit_depth_images_keep_their_contrast(mqa_checkpoint):
-    """I;16, I and F images: scaled by their range, not clipped to white or black as PIL converts them."""
-    processor = Processor.from_pretrained(mqa_checkpoint)
-    ramp = np.linspace(0, 1, 28 * 28).reshape(28, 28)
-    for image in (Image.fromarray((ramp * 65535).astype(np.uint16)),  # I;16
-                  Image.fromarray((ramp * 1e6 - 5e5).astype(np.int32)),  # I, negative values too
-                  Image.fromarray(ramp.astype(np.float32))):  # F in [0, 1]
-        pixels = processor.preprocess_image(image)
-        expected = processor.preprocess_image(Image.fromarray((ramp * 255).round().astype(np.uint8)))
-        assert (pixels - expected).abs().max() <= 2 / 255 + 1e-6, image.mode
-
-
-def test_only_real_loc_and_seg_tokens_are_special(mqa_checkpoint):
-    tok = Processor.from_pretrained(mqa_checkpoint).tokenizer
-    unk = tok.sp.unk_id()
-    for text in ("<loc1024>", "<loc9999>", "<seg128>", "<seg999>"):
-        assert unk not in tok.encode(text) and tok.decode(tok.encode(text)) == text, text
-    assert tok.encode("<loc1023><seg127>") == [tok.sp.piece_to_id("<loc1023>"), tok.sp.piece_to_id("<seg127>")]
-
-
-def test_load_image_names_the_problem(tmp_path):
-    (tmp_path / "empty.jpg").write_bytes(b"")
-    (tmp_path / "text.jpg").write_text("not an image")
-    for path, expected in ((tmp_path / "nope.jpg", "no such image file"), (tmp_path, "is a directory"),
-                           (tmp_path / "empty.jpg", "is an empty file"), (tmp_path / "text.jpg", "cannot be decoded")):
-        with pytest.raises(ValueError, match=expected):
-            load_image(path)
-
-
-# ----------------------------------------------------------------------------------------------
-# Round two: evaluation, the metrics file, resume, data and checkpoints a careful probe tried
-
-
-def train_args(data, model, out, *extra):
-    return ["--data", data, "--model", model, "--out", out, "--batch-size", "4", "--log-every", "1", *extra]
-
-
-def test_a_validation_image_gone_saves_first(mqa_checkpoint, tmp_path, capsys, monkeypatch):
-    """The evaluation of step 2 meets a deleted validation image: step 2 is saved, then one line names it."""
-    folder = tmp_path / "d"
-    make_dataset(folder, 8, "valid.jsonl", seed=1)
-    data = make_dataset(folder, 8, "train.jsonl")
-    real_log = train.log
-
-    def delete_after_step_1(*args, **kwargs):
-        real_log(*args, **kwargs)
-        if str(args[0]).startswith("step 1/"):
-            for f in folder.glob("valid.jsonl-*.png"):
-                f.unlink()
-    monkeypatch.setattr(train, "log", delete_after_step_1)
-    line = one_line_error(capsys, train.main, train_args(data, mqa_checkpoint, tmp_path / "o", "--steps", "4",
-                                                         "--eval-every", "2"))
-    assert "evaluation at step 2: image" in line and "valid.jsonl-0.png: no such image file" in line
-    assert "saved at step 2" in line and checkpoint.read_train_state(tmp_path / "o", "cpu")[0]["step"] == 2
-
-
-def test_the_metrics_file_on_a_full_disk(trained, data, tmp_path, capsys, monkeypatch):
-    import report
-    out = shutil.copytree(trained, tmp_path / "o")
-    weights = (out / "model.safetensors").read_bytes()
-
-    def full(path, mode="r", *args, **kwargs):
-        if str(path).endswith("metrics.jsonl") and mode == "a":
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return open(path, mode, *args, **kwargs)
-    monkeypatch.setattr(report, "open", full, raising=False)
-    line = one_line_error(capsys, train.main, train_args(data, "unused/hub-id", out, "--steps", "3", "--resume"))
-    assert "cannot write" in line and "metrics.jsonl (No space left on device)" in line and "is intact" in line
-    assert (out / "model.safetensors").read_bytes() == weights
-
-
-def test_resume_with_changed_options(trained, data, tmp_path, capsys):
-    """Each option is applied and said, or refused naming both values (README: What the tools promise)."""
-    def resume(name, *extra):
-        out = shutil.copytree(trained, tmp_path / name)
-        train.main([str(a) for a in train_args(data, "unused/hub-id", out, "--steps", "3", "--eval-every", "0",
-                                               "--resume", *extra)])
-        return out, capsys.readouterr().out
-    plain, _ = resume("plain")
-    decayed, said = resume("decay", "--weight-decay", "0.5")
-    assert "--resume: --weight-decay 0.5 from here on (the run had 0.0)" in said
-    a, b = (PaliGemma.from_pretrained(f).state_dict() for f in (plain, decayed))
-    assert any(not torch.equal(a[k], b[k]) for k in a)  # the new weight decay takes effect
-    _, said = resume("longer", "--steps", "6")
-    assert "--resume: the schedule now ends at step 6 (the run's at 2)" in said
-    other = shutil.copy(data, tmp_path / "changed.jsonl")
-    Path(other).write_text(Path(other).read_text().replace("what colour", "which colour"))
-    for f in data.parent.glob("train.jsonl-*.png"):
-        shutil.copy(f, tmp_path)
-    out = shutil.copytree(trained, tmp_path / "changed-data")
-    train.main([str(a) for a in train_args(other, "unused/hub-id", out, "--steps", "3", "--eval-every", "0",
-                                           "--resume")])
-    assert "is not the data the run began with" in capsys.readouterr().out
-    out = shutil.copytree(trained, tmp_path / "batch")
-    assert "was trained with --batch-size 4, not 2" in one_line_error(
-        capsys, train.main, train_args(data, "unused/hub-id", out, "--steps", "3", "--resume", "--batch-size", "2"))
-
-
-def test_an_adapter_resumed_on_another_base(adapter_run, data, tmp_path, capsys):
-    out = shutil.copytree(adapter_run, tmp_path / "o")
-    assert "is an adapter of" in one_line_error(capsys, train.main, train_args(
-        data, "other/base-model", out, "--steps", "2", "--trainable", "lora", "--resume"))
-
-
-def test_a_second_run_into_the_same_out_is_refused(mqa_checkpoint, data, tmp_path, capsys):
-    hold = (f"import sys, time; from pathlib import Path; sys.path.insert(0, {str(ROOT)!r}); import checkpoint; "
-            f"lock = checkpoint.lock_out_folder(Path({str(tmp_path / 'o')!r})); print('locked', flush=True); "
-            "time.sleep(60)")
-    holder = subprocess.Popen([sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline().strip() == "locked"  # as a first run holds it
-    line = one_line_error(capsys, train.main, train_args(data, mqa_checkpoint, tmp_path / "o", "--steps", "1"))
-    assert f"is in use by another train.py run (process {holder.pid})" in line
-    holder.kill()  # the first run dies: the kernel releases its lock
-    holder.wait()
-    train.main([str(a) for a in train_args(data, mqa_checkpoint, tmp_path / "o", "--steps", "1", "--eval-every",
-                                           "0")])
-
-
-def rotated_jpeg(path: Path) -> Path:
-    """A 40 x 20 JPEG, red on its left half, tagged with EXIF orientation 6: viewers show it 20 x 40."""
-    pixels = np.zeros((20, 40, 3), np.uint8)
-    pixels[:, :20] = (255, 0, 0)
-    exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90 degrees clockwise to view
-    Image.fromarray(pixels).save(path, exif=exif.tobytes())
-    return path
-
-
-def test_exif_orientation_is_applied(tmp_path):
-    image = load_image(rotated_jpeg(tmp_path / "phone.jpg"))
-    assert image.size == (20, 40)
-    top = np.asarray(image)[:20].mean((0, 1))
-    assert top[0] > 200 and top[2] < 50  # the red half is on top once upright
-
-
-def test_the_tokenizer_must_fit_the_model(mqa_checkpoint, tmp_path):
-    folder = shutil.copytree(mqa_checkpoint, tmp_path / "ck")
-    config = json.loads((folder / "config.json").read_text())
-    config["image_token_index"] = 10  # below the tokenizer's pieces
-    (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="pieces, more than the model's vocabulary below <image>"):
-        Processor.from_pretrained(folder)
-
-
-def test_generate_without_the_mask_of_a_padded_batch(mqa_checkpoint):
-    model, processor = PaliGemma.from_pretrained(mqa_checkpoint), Processor.from_pretrained(mqa_checkpoint)
-    batch = processor(random_images(2), ["caption en", "answer en how many circles are there?"])
-    with pytest.raises(ValueError, match="start with <pad> .* but no attention_mask"):
-        model.generate(batch["input_ids"], batch["pixel_values"], max_new_tokens=2)
-    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1, not 2.5"):
-        model.generate(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], max_new_tokens=2.5)
-
-
-def test_python_api_messages(mqa_checkpoint):
-    processor = Processor.from_pretrained(mqa_checkpoint)
-    with pytest.raises(ValueError, match="no examples"):
-        processor([], [])
-    with pytest.raises(TypeError, match="prefixes must be a list of strings, one per image, not a string"):
-        processor(random_images(1), "caption en")
-    with pytest.raises(FileNotFoundError, match="is a file, not a checkpoint folder"):
-        PaliGemma.from_pretrained(mqa_checkpoint / "config.json")
-
-
-def test_a_nan_box_in_a_coco_export_is_skipped(tmp_path, capsys):
-    Image.new("RGB", (32, 32)).save(tmp_path / "a.jpg")
-    export = {"images": [dict(id=1, file_name="a.jpg", width=32, height=32)], "categories": [dict(id=1, name="x")],
-              "annotations": [dict(id=1, image_id=1, category_id=1, bbox=[float("nan"), 2, 10, 10],
-                                   segmentation=[[2, 2, 12, 2, 12, 12]]),
-                              dict(id=2, image_id=1, category_id=1, bbox=[2, 2, 10, 10],
-                                   segmentation=[[2, 2, 12, 2, 12, 12]])]}
-    (tmp_path / "_annotations.coco.json").write_text(json.dumps(export))  # json writes NaN, as Python reads it
-    convert.main(["coco-segment", str(tmp_path / "_annotations.coco.json"), "--vae", str(ROOT / "tiny" / "vae-tiny.npz")])
-    assert "1 boxes that are not numbers" in capsys.readouterr().out
-    assert len(json.loads((tmp_path / "annotations.jsonl").read_text())["suffix"].split(" ; ")) == 1
-
-
-def surrogate(tmp):
-    return b'{"image": "train.jsonl-0.png", "prefix": "caption \\ud800en", "suffix": "x"}'
-
-
-ROUND_TWO_DATA = [
-    ("a lone surrogate", surrogate, "prefix holds '\\ud800', half of a UTF-16 pair: not text"),
-    ("nested brackets", lambda tmp: b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
-    ("a FIFO as the image", lambda tmp: os.mkfifo(tmp / "pipe.png") or line("pipe.png"), "is a FIFO (named pipe)"),
-    ("/dev/zero as the image", lambda tmp: line("/dev/zero"), "/dev/zero: is a character device"),
-    ("a 13000 x 13000 image", lambda tmp: Image.new("1", (13000, 13000)).save(tmp / "big.png") or line("big.png"),
-     "big.png: is 13000 x 13000 pixels, more than the limit of 89,478,485 (--max-image-pixels raises it)"),
-]
-
-
-@pytest.mark.parametrize("name, bad_line, expected", ROUND_TWO_DATA, ids=[d[0] for d in ROUND_TWO_DATA])
-@pytest.mark.parametrize("where", ["--data", "--val"])
-def test_round_two_bad_data(name, bad_line, expected, where, mqa_checkpoint, data, tmp_path, capsys):
-    """One line naming the file and line, in the training file or the validation file; --skip-bad skips it."""
-    path = write_lines(tmp_path, data, bad_line(tmp_path))
-    files = {"--data": data, "--val": data.parent / "valid.jsonl"} | {where: path}
-    argv = train_args(files["--data"], mqa_checkpoint, tmp_path / "o", "--val", files["--val"], "--steps", "1")
-    with pytest.raises(SystemExit) as e:
-        train.main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and f"{path}:5: " in err and expected in err and "Traceback" not in err, err
-    train.main([str(a) for a in argv + ["--skip-bad", "--eval-every", "0"]])
-    assert f"skipped 1 bad line(s), e.g. {path}:5: " in capsys.readouterr().out
-
-
-def test_a_larger_image_limit_is_taken(mqa_checkpoint, tmp_path):
-    Image.new("1", (13000, 13000)).save(tmp_path / "big.png")
-    assert load_image(tmp_path / "big.png", max_pixels=13000 * 13000).size == (13000, 13000)
-
-
-def test_a_long_validation_prompt_is_refused_before_training(mqa_checkpoint, data, tmp_path, capsys):
-    val = write_lines(tmp_path, data, line("train.jsonl-0.png", prefix="caption en " + "word " * 40))
-    line_ = one_line_error(capsys, train.main, train_args(data, mqa_checkpoint, tmp_path / "o", "--val", val,
-                                                          "--max-len", "16"))
-    assert "1 bad line(s)" in line_ and not (tmp_path / "o" / "model.safetensors").exists()
-
-
-ROUND_TWO_CHECKPOINTS = [
     ("nested brackets in config.json", lambda t, c: broken(t, c, lambda f: (f / "config.json").write_text(
         "[" * 100_000 + "]" * 100_000)), "config.json: nested too deeply"),
     ("an index naming an absolute path", lambda t, c: sharded(t, c, lambda index: index | {"weight_map": {
@@ -671,16 +578,18 @@ ROUND_TWO_CHECKPOINTS = [
 ]
 
 
-@pytest.mark.parametrize("name, make, expected", ROUND_TWO_CHECKPOINTS, ids=[c[0] for c in ROUND_TWO_CHECKPOINTS])
-def test_round_two_checkpoints(name, make, expected, mqa_checkpoint, data, tmp_path, capsys):
+@pytest.mark.parametrize("name, make, expected", CHECKPOINTS, ids=[c[0] for c in CHECKPOINTS])
+def test_broken_checkpoints(name, make, expected, mqa_checkpoint, data, tmp_path, capsys):
+    """The Python API raises, quickly, naming the file; train.py and infer.py say it in one line."""
     folder = make(tmp_path, mqa_checkpoint)
-    import time
     start = time.perf_counter()
-    with pytest.raises(ValueError, match=".") as e:
+    with pytest.raises((ValueError, OSError), match=".") as e:
         PaliGemma.from_pretrained(folder)
+        Processor.from_pretrained(folder)
     assert expected in str(e.value) and time.perf_counter() - start < 5
-    assert expected in one_line_error(capsys, infer.main, ["--model", folder, "--image",
-                                                           data.parent / "train.jsonl-0.png", "--prompt", "x"])
+    for main, argv in ((train.main, ["--data", data, "--out", tmp_path / "o"]),
+                       (infer.main, ["--image", data.parent / "train.jsonl-0.png", "--prompt", "caption en"])):
+        assert expected in one_line_error(capsys, main, ["--model", folder, *argv])
 
 
 def adapter_config_edit(edit):
@@ -719,53 +628,82 @@ def test_broken_adapter_configs(name, edit, expected, adapter_run, data, tmp_pat
                                                                      "--trainable", "lora", "--resume"))
 
 
-def test_a_train_state_without_an_entry(trained, data, tmp_path, capsys):
-    out = shutil.copytree(trained, tmp_path / "o")
-    state = torch.load(out / "train_state.pt")
-    del state["scaler"]
-    torch.save(state, out / "train_state.pt")
-    assert "train_state.pt has no scaler" in one_line_error(
-        capsys, train.main, train_args(data, "unused/hub-id", out, "--steps", "3", "--resume"))
+# ----------------------------------------------------------------------------------------------
+# infer.py
 
 
-def test_vae_files_that_are_not_npz(mqa_checkpoint, data, tmp_path, capsys):
-    np.save(tmp_path / "vae.npy", np.zeros(3))
-    (tmp_path / "corrupt.npz").write_bytes(b"PK\x03\x04" + b"\x00" * 100)
-    Image.new("RGB", (8, 8)).save(tmp_path / "a.jpg")
-    (tmp_path / "c.json").write_text(json.dumps({"images": [], "annotations": [], "categories": []}))
-    for vae, expected in ((tmp_path / "vae.npy", "a single array (.npy), not an npz archive"),
-                          (tmp_path / "corrupt.npz", "corrupt.npz: not a readable npz file")):
-        assert expected in one_line_error(capsys, train.main, train_args(data, mqa_checkpoint, tmp_path / "o",
-                                                                         "--vae", vae))
-        line_ = one_line_error(capsys, convert.main, ["coco-segment", tmp_path / "c.json", "--vae", vae])
-        assert "--vae: " in line_ and expected in line_
+@pytest.fixture(scope="module")
+def image(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("infer") / "a.png"
+    random_images(1)[0].save(path)
+    return path
 
 
-def test_out_dangling_symlink_and_deleted(mqa_checkpoint, data, tmp_path, capsys, monkeypatch):
-    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
-    assert "is a symbolic link to" in one_line_error(capsys, train.main, train_args(data, mqa_checkpoint,
-                                                                                    tmp_path / "link"))
-    real_log = train.log
-
-    def delete_out(*args, **kwargs):
-        real_log(*args, **kwargs)
-        if str(args[0]).startswith("step 2/"):
-            shutil.rmtree(tmp_path / "o")
-    monkeypatch.setattr(train, "log", delete_out)
-    train.main([str(a) for a in train_args(data, mqa_checkpoint, tmp_path / "o", "--steps", "2", "--eval-every",
-                                           "0")])
-    assert "was deleted during training; it is made again" in capsys.readouterr().out
-    PaliGemma.from_pretrained(tmp_path / "o")
+def bomb(tmp):
+    Image.new("L", (15000, 15000)).save(tmp / "bomb.png")  # 225 megapixels, a few hundred KB as PNG
+    return tmp / "bomb.png"
 
 
-def test_out_of_memory_says_what_to_lower(mqa_checkpoint, data, tmp_path, capsys, monkeypatch):
-    def oom(*args, **kwargs):
-        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
-    monkeypatch.setattr(train, "forward_backward", oom)
-    line_ = one_line_error(capsys, train.main, train_args(data, mqa_checkpoint, tmp_path / "o", "--steps", "1",
-                                                          "--eval-every", "0"))
-    assert "out of memory at step 1" in line_ and "lower --batch-size (4), or add --grad-checkpointing, or add " \
-        "--quantize nf4" in line_
+def no_weights(tmp) -> list:
+    """--model: a folder with a config.json and no weights."""
+    (tmp / "empty").mkdir()
+    shutil.copy(Path(__file__).resolve().parent.parent / "tiny" / "paligemma-tiny" / "config.json", tmp / "empty")
+    return ["--model", tmp / "empty"]
+
+
+INFER = [
+    (["--temperature", "-1"], "argument --temperature: must be a number >= 0"),
+    (["--temperature", "inf"], "argument --temperature: must be a number >= 0, not inf"),
+    (["--temperature", "nan"], "argument --temperature: must be a number >= 0, not nan"),
+    (["--top-p", "0"], "argument --top-p: must be a number in (0, 1], not 0"),
+    (["--top-p", "1.5"], "argument --top-p: must be a number in (0, 1]"),
+    (["--top-k", "-3"], "argument --top-k: must be an integer >= 0"),
+    (["--max-new-tokens", "0"], "argument --max-new-tokens: must be an integer >= 1"),
+    (["--device", "nonsense"], "--device 'nonsense' is not a device name"),
+    (lambda tmp, image: ["--out", tmp], "is a folder; give a file name"),
+    (lambda tmp, image: ["--out", tmp / "boxes"], "give an image file name ending in .png or .jpg"),
+    (lambda tmp, image: ["--out", tmp / "boxes.xyz"], "give an image file name ending in .png or .jpg"),
+    (lambda tmp, image: ["--out", tmp / "missing" / "boxes.png"], "the folder " + "{tmp}/missing does not exist"),
+    (lambda tmp, image: ["--out", image], "is one of the input images; it would be overwritten"),
+    (lambda tmp, image: ["--image", image.with_name("a_1.png"), "--out", image], "a_1.png is one of the input images"),
+    (lambda tmp, image: ["--image", tmp], "is a directory, not an image file"),
+    (lambda tmp, image: ["--image", bomb(tmp)], "bomb.png: is 15000 x 15000 pixels, more than the limit of 89,478,485"),
+    (lambda tmp, image: ["--vae", tmp / "vae-oid.npz"], "--vae {tmp}/vae-oid.npz: no such file"),
+    (lambda tmp, image: ["--image", image.with_name("nope.png")], "nope.png: no such image file"),
+    (lambda tmp, image: (tmp / "broken.jpg").write_bytes(b"not an image") and ["--image", tmp / "broken.jpg"],
+     "broken.jpg: cannot be decoded as an image"),
+    (lambda tmp, image: no_weights(tmp), "holds no weights"),
+    (["--max-new-tokens", "9000"], "more than the model's 8192 positions"),
+    (["--prompt", "ocr", "--prompt", "ocr"], "3 prompts for 1 images"),
+]
+
+
+@pytest.mark.parametrize("case, expected", INFER, ids=[str(i) for i in range(len(INFER))])
+def test_infer_errors(case, expected, mqa_checkpoint, image, tmp_path, capsys):
+    extra = case(tmp_path, image) if callable(case) else case
+    before = image.read_bytes()
+    argv = ["--model", mqa_checkpoint, "--image", image, "--prompt", "caption en", *extra]
+    line = one_line_error(capsys, infer.main, argv, stdout_empty=True)
+    assert expected.format(tmp=tmp_path) in line
+    assert image.read_bytes() == before
+
+
+def test_infer_out_not_writable(mqa_checkpoint, image, tmp_path, capsys, monkeypatch):
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != tmp_path and real_access(p, mode))
+    line = one_line_error(capsys, infer.main, ["--model", mqa_checkpoint, "--image", image, "--prompt", "caption en",
+                                               "--out", tmp_path / "boxes.png"])
+    assert "not writable (permission denied)" in line
+
+
+def test_errors_as_a_user_sees_them(mqa_checkpoint, image, tmp_path):
+    """The real command lines: exit code 2, one line, no traceback."""
+    for script, args in (("train.py", ["--data", tmp_path / "nope.jsonl", "--model", mqa_checkpoint, "--out",
+                                       tmp_path / "o"]),
+                         ("infer.py", ["--model", mqa_checkpoint, "--image", image, "--prompt", "x", "--out", image])):
+        r = subprocess.run([sys.executable, ROOT / script, *map(str, args)], capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith(f"{script}: error: "), r.stderr
 
 
 def test_what_a_new_user_met(mqa_checkpoint, data, image, tmp_path, capsys):
@@ -782,51 +720,3 @@ def test_what_a_new_user_met(mqa_checkpoint, data, image, tmp_path, capsys):
     for script in ("train.py", "infer.py"):
         r = subprocess.run([sys.executable, ROOT / script, "--help"], capture_output=True, text=True, timeout=60)
         assert "(default: google/paligemma-3b-pt-224)" in " ".join(r.stdout.split()), r.stdout
-
-
-def test_the_lock_is_never_a_link_nor_another_kind_of_file(mqa_checkpoint, data, tmp_path, capsys):
-    """OUT/train.lock as a symbolic link would have train.py truncate its target and write its process id
-    there: refused, the target untouched; a FIFO or a folder in its place, refused too."""
-    out = tmp_path / "o"
-    out.mkdir()
-    (tmp_path / "victim.txt").write_text("precious")
-    (out / "train.lock").symlink_to(tmp_path / "victim.txt")
-    line = one_line_error(capsys, train.main, train_args(data, mqa_checkpoint, out, "--steps", "1"))
-    assert "train.lock is a symbolic link" in line and (tmp_path / "victim.txt").read_text() == "precious"
-    (out / "train.lock").unlink()
-    os.mkfifo(out / "train.lock")
-    assert "train.lock is not a regular file" in one_line_error(capsys, train.main, train_args(
-        data, mqa_checkpoint, out, "--steps", "1"))
-
-
-def test_a_lock_that_fails_for_another_reason(mqa_checkpoint, data, tmp_path, capsys, monkeypatch):
-    """lockf failing as on NFS without a lock daemon is said as it is, not as a run holding --out."""
-    import fcntl
-
-    def no_locks(*args):
-        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
-    monkeypatch.setattr(fcntl, "lockf", no_locks)
-    line = one_line_error(capsys, train.main, train_args(data, mqa_checkpoint, tmp_path / "o", "--steps", "1"))
-    assert "train.lock cannot be locked (No locks available)" in line and "in use by another" not in line
-
-
-def test_report_files_that_are_folders_are_refused_first(mqa_checkpoint, data, tmp_path, capsys):
-    for name in ("metrics.png", "metrics.jsonl"):
-        (tmp_path / name / name).mkdir(parents=True)
-        assert f"{tmp_path / name / name} is a folder" in one_line_error(
-            capsys, train.main, train_args(data, mqa_checkpoint, tmp_path / name, "--steps", "1"))
-
-
-def test_a_full_disk_at_the_evaluation_picture(mqa_checkpoint, data, tmp_path, capsys, monkeypatch):
-    import report
-    real = report.write_atomically
-
-    def full_disk(path, write):
-        if path.suffix == ".jpg":
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real(path, write)
-    monkeypatch.setattr(report, "write_atomically", full_disk)
-    line = one_line_error(capsys, train.main, train_args(data, mqa_checkpoint, tmp_path / "o", "--steps", "2",
-                                                         "--eval-every", "0"))
-    assert "cannot write" in line and "step-2.jpg (No space left on device)" in line
-    assert checkpoint.read_train_state(tmp_path / "o", "cpu")[0]["step"] == 2  # saved before the final evaluation

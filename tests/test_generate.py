@@ -129,3 +129,12 @@ def test_compiled_decode_step_compiles_once(mqa_checkpoint):
         compiled = model.generate(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], max_new_tokens=6)
         assert torch.equal(compiled, eager)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_generate_without_the_mask_of_a_padded_batch(mqa_checkpoint):
+    model, processor = PaliGemma.from_pretrained(mqa_checkpoint), Processor.from_pretrained(mqa_checkpoint)
+    batch = processor(random_images(2), ["caption en", "answer en how many circles are there?"])
+    with pytest.raises(ValueError, match="start with <pad> .* but no attention_mask"):
+        model.generate(batch["input_ids"], batch["pixel_values"], max_new_tokens=2)
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1, not 2.5"):
+        model.generate(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], max_new_tokens=2.5)

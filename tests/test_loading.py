@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import PREFIXES, random_images, rewrite_official
-from paligemma import PaliGemma
+from paligemma import PaliGemma, read_config
 from processor import Processor
 
 
@@ -112,3 +112,19 @@ def test_unreachable_hub_id(monkeypatch):
         PaliGemma.from_pretrained("google/paligemma-3b-pt-224")
     with pytest.raises(OSError, match="could not be fetched"):
         Processor.from_pretrained("google/paligemma-3b-pt-224")
+
+
+def test_wrong_resolution_names_the_expected_one(mqa_checkpoint):
+    model = PaliGemma.from_pretrained(mqa_checkpoint)
+    batch = Processor.from_pretrained(mqa_checkpoint)(random_images(1), ["caption en"])
+    with pytest.raises(ValueError, match=r"this model takes images of 28x28 pixels, as \(B, 3, 28, 28\)"):
+        model(batch["input_ids"], torch.zeros(1, 3, 56, 56))
+
+
+def test_config_layer_types_must_fit(mqa_checkpoint, tmp_path):
+    folder = shutil.copytree(mqa_checkpoint, tmp_path / "ck")
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"] |= {"model_type": "gemma2", "layer_types": ["full_attention"]}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="layer_types has 1 entries for 2 layers"):
+        read_config(folder / "config.json")

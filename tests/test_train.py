@@ -104,31 +104,6 @@ def test_non_finite_loss_stops_before_saving(run_train, tmp_path, capsys):
     assert not (tmp_path / "o" / "model.safetensors").exists()
 
 
-def test_bad_lines_are_reported_with_file_and_line(run_train, data, tmp_path, capsys):
-    bad = tmp_path / "bad.jsonl"
-    (tmp_path / "broken.png").write_bytes(b"not a png")
-    good = data.read_text().splitlines()
-    for name in ("train.jsonl-0.png", "train.jsonl-1.png", "train.jsonl-2.png", "train.jsonl-3.png"):
-        (tmp_path / name).write_bytes((data.parent / name).read_bytes())
-    bad.write_text("\n".join(good[:4] + [
-        "{not json",
-        json.dumps({"image": "train.jsonl-0.png", "prefix": "caption en"}),
-        json.dumps({"image": "missing.png", "prefix": "caption en", "suffix": "x"}),
-        json.dumps({"image": "broken.png", "prefix": "caption en", "suffix": "x"}),
-    ]) + "\n")
-    with pytest.raises(SystemExit) as e:
-        run_train(tmp_path / "o", "--steps", "1", data=bad)
-    err = capsys.readouterr().err
-    assert e.value.code == 2
-    assert f"{bad}:5: not valid JSON" in err
-    assert f"{bad}:6: missing or not a string: suffix" in err
-    assert f"{bad}:7: image {tmp_path / 'missing.png'}: no such image file" in err
-    assert f"{bad}:8: image {tmp_path / 'broken.png'}: cannot be decoded" in err
-    assert "4 bad line(s)" in err
-    run_train(tmp_path / "o", "--steps", "1", "--skip-bad", data=bad)
-    assert "skipped 4 bad line(s)" in capsys.readouterr().out
-
-
 def test_torchrun_two_processes_equal_one(mqa_checkpoint, data, tmp_path):
     # SGD: Adam would amplify the last-bit differences of summing the batch in another order
     common = ["--data", data, "--model", mqa_checkpoint, "--steps", "3", "--optimizer", "sgd", "--lr", "0.5",
