@@ -25,8 +25,8 @@ from processor import MAX_PIXELS
 
 
 class UserError(Exception):
-    """Something the user can fix, said in one line that names the file, line or option; `details` are
-    lines that come before it (the first bad lines of a data file)."""
+    """Something the user can fix, said in one line that names the file, line or option; `details`
+    are lines that come before it (the first bad lines of a data file)."""
 
     def __init__(self, message: str, details: list[str] | None = None):
         super().__init__(message)
@@ -51,9 +51,13 @@ def log(*args, **kwargs):
 
 
 def number(kind=float, low=-math.inf, high=math.inf, above=False):
-    """An argparse type: a finite `kind` (int or float) in [low, high], or in (low, high] with `above`."""
+    """An argparse type: a finite `kind` (int or float) in [low, high], or in (low, high] with
+    `above`."""
     what = "an integer" if kind is int else "a number"
-    bounds = f"in {'(' if above else '['}{low:g}, {high:g}]" if high < math.inf else f"{'>' if above else '>='} {low:g}"
+    if high < math.inf:
+        bounds = f"in {'(' if above else '['}{low:g}, {high:g}]"
+    else:
+        bounds = f"{'>' if above else '>='} {low:g}"
 
     def parse(text: str):
         try:
@@ -71,15 +75,18 @@ class DefaultsFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
-            default = ",".join(action.default) if isinstance(action.default, tuple) else action.default
+        shown = action.default not in (None, False, argparse.SUPPRESS) and "default" not in text
+        if action.option_strings and shown:
+            default = action.default
+            if isinstance(default, tuple):
+                default = ",".join(default)
             text += f" (default: {default})"
         return text
 
 
 def parse_given(p: argparse.ArgumentParser, argv) -> tuple[argparse.Namespace, set[str]]:
-    """The parsed options, and the names of those the command line gives (the others keep their defaults:
-    argparse sets a default only where the namespace has no value yet)."""
+    """The parsed options, and the names of those the command line gives (the others keep their
+    defaults: argparse sets a default only where the namespace has no value yet)."""
     args = p.parse_args(argv)
     unset = object()
     probe = p.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), unset)))
@@ -93,8 +100,8 @@ def parse_given(p: argparse.ArgumentParser, argv) -> tuple[argparse.Namespace, s
 def add_device_options(p: argparse.ArgumentParser):
     p.add_argument("--device", default=None, help="default: cuda, then mps, then cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="compute dtype, and that of the frozen weights (default: bfloat16 on a GPU that supports "
-                   "it, else float32)")
+                   help="compute dtype, and that of the frozen weights (default: bfloat16 on a GPU "
+                   "that supports it, else float32)")
 
 
 def add_image_limit(p: argparse.ArgumentParser):
@@ -104,15 +111,17 @@ def add_image_limit(p: argparse.ArgumentParser):
 
 def add_answer_options(p: argparse.ArgumentParser):
     """How detect and segment answers are generated (detections.AnswerConstraint)."""
-    p.add_argument("--no-constrain", action="store_true", help="let detect and segment answers run free (by "
-                   "default they can only take PaliGemma's form: boxes, <seg> tokens, the prompt's labels, ' ; ')")
+    p.add_argument("--no-constrain", action="store_true", help="let detect and segment answers run "
+                   "free (by default they can only take PaliGemma's form: boxes, "
+                   "<seg> tokens, the prompt's labels, ' ; ')")
     p.add_argument("--repeat-iou", type=number(float, 0, 1, above=True), default=0.9,
                    help="an object with an earlier one's label and IoU >= this ends the answer")
 
 
 def add_vae_option(p: argparse.ArgumentParser):
-    p.add_argument("--vae", default=None, help="the VQ-VAE npz that decodes <seg> tokens into masks (vae-oid.npz; "
-                   "default: big_vision's, from the hub, where masks are drawn)")
+    p.add_argument("--vae", default=None, help="the VQ-VAE npz that decodes <seg> tokens into "
+                   "masks (vae-oid.npz; default: big_vision's, from "
+                   "the hub, where masks are drawn)")
 
 
 def add_quantize_option(p: argparse.ArgumentParser, formats: list[str], help: str):
@@ -121,8 +130,9 @@ def add_quantize_option(p: argparse.ArgumentParser, formats: list[str], help: st
 
 def use_own_image_limit():
     """In a tool's process, PIL's own guard against decompression bombs (a warning at
-    Image.MAX_IMAGE_PIXELS, an error at twice it) gives way to processor.load_image's, which reads an
-    image's size from its header and refuses one over --max-image-pixels before decoding it, in one line."""
+    Image.MAX_IMAGE_PIXELS, an error at twice it) gives way to processor.load_image's, which reads
+    an image's size from its header and refuses one over --max-image-pixels before decoding it, in
+    one line."""
     Image.MAX_IMAGE_PIXELS = None
 
 
@@ -138,11 +148,14 @@ def resolve_device(name: str | None = None) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"--device {name!r} is not a device name (e.g. cpu, cuda, cuda:1, mps)") from None
+        raise UserError(f"--device {name!r} is not a device name (e.g. cpu, cuda, cuda:1, "
+                        "mps)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name!r}: this machine has no CUDA GPU (or this torch build has no CUDA)")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UserError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+        raise UserError(f"--device {name!r}: this machine has no CUDA GPU (or this torch build has "
+                        "no CUDA)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA "
+                        "GPU(s)")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"--device {name!r}: MPS (Apple GPUs) is not available here")
     if device.type not in ("cpu", "cuda", "mps"):
@@ -151,9 +164,11 @@ def resolve_device(name: str | None = None) -> torch.device:
 
 
 def device_and_dtype(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
-    """--device and --dtype as torch's; a device this machine lacks is a UserError. The default dtype:
-    bfloat16 on a CUDA GPU that supports it, else float32."""
+    """--device and --dtype as torch's; a device this machine lacks is a UserError. The default
+    dtype: bfloat16 on a CUDA GPU that supports it, else float32."""
     device = resolve_device(device)
     if dtype:
         return device, getattr(torch, dtype)
-    return device, torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return device, torch.bfloat16
+    return device, torch.float32

@@ -1,22 +1,24 @@
 """Score a checkpoint on a test file, each prompt by its task's benchmark metric.
 
-    python evaluate.py --model out/tiny-star --data data/star/_annotations.valid.jsonl --out eval/star
+    python evaluate.py --model out/tiny-star --data data/star/_annotations.valid.jsonl \\
+        --out eval/star
     python evaluate.py --model lora-out/ --data vqav2-val.jsonl --out eval/vqav2 --batch-size 32
 
 Every line of the JSONL file (data.py's format; "answers" where a line has several references) is
-answered greedily, in batches, with the KV-cache (detect and segment answers under their grammar), and
-scored as its task's benchmark scores it (metrics.py). Prints a table per task on stdout and writes
-into --out:
+answered greedily, in batches, with the KV-cache (detect and segment answers under their grammar),
+and scored as its task's benchmark scores it (metrics.py). Prints a table per task on stdout and
+writes into --out:
 
     predictions.jsonl   each line's number, prompt, answer, references and its own scores
-    scores.json         the table: {task: {metric: value, "examples": n}}, and how the answers were made
-    index.html          one page, no network: the table, then every example, worst first, with its image
-                        (the answer's boxes and masks drawn, the target's beside them)
+    scores.json         the table: {task: {metric: value, "examples": n}}, and how the answers
+                        were made
+    index.html          one page, no network: the table, then every example, worst first, with
+                        its image (the answer's boxes and masks drawn, the target's beside them)
     images/             the pictures the page shows
 
 Progress (examples/s, time left) goes to stderr. A bad line or image is refused before the model is
-loaded, naming its file and line; an existing --out only with --overwrite; Ctrl-C writes what is done
-and exits with 130.
+loaded, naming its file and line; an existing --out only with --overwrite; Ctrl-C writes what is
+done and exits with 130.
 """
 
 import argparse
@@ -31,8 +33,9 @@ from PIL import Image
 
 import metrics
 from answers import answer_batch, load_model
-from cli import (DefaultsFormatter, UserError, add_answer_options, add_device_options, add_image_limit,
-                 add_quantize_option, add_vae_option, device_and_dtype, fail, number, use_own_image_limit)
+from cli import (DefaultsFormatter, UserError, add_answer_options, add_device_options,
+                 add_image_limit, add_quantize_option, add_vae_option, device_and_dtype, fail,
+                 number, use_own_image_limit)
 from data import read_jsonl
 from detections import parse_detections, prompt_names, prompt_task
 from drawing import draw_detections
@@ -71,34 +74,37 @@ def evaluate(args):
     summary, each = metrics.score(rows, vae) if rows else ({}, [])
     print(table(summary))
     if at_limit:
-        print(f"{at_limit} answer(s) were ended by the limit of {args.max_new_tokens} tokens (--max-new-tokens)")
+        print(f"{at_limit} answer(s) were ended by the limit of {args.max_new_tokens} tokens "
+              "(--max-new-tokens)")
     write_results(args, examples[:len(rows)], rows, summary, each, vae, stopped, at_limit)
     if stopped:
-        print(f"{Path(sys.argv[0]).name}: stopped (Ctrl-C) after {len(rows)} of {len(examples)} examples; "
-              f"their scores are in {args.out}", file=sys.stderr)
+        print(f"{Path(sys.argv[0]).name}: stopped (Ctrl-C) after {len(rows)} of {len(examples)} "
+              f"examples; their scores are in {args.out}", file=sys.stderr)
         sys.exit(130)
 
 
 def answer_all(model, processor, examples: list[dict], args, device, autocast
                ) -> tuple[list[metrics.Row], int, bool]:
-    """Every example answered, batch by batch, with a progress line on stderr every few seconds; Ctrl-C
-    ends it after the answers so far. Returns them, how many the token limit ended, and whether it was
-    stopped."""
+    """Every example answered, batch by batch, with a progress line on stderr every few seconds;
+    Ctrl-C ends it after the answers so far. Returns them, how many the token limit ended, and
+    whether it was stopped."""
     rows, at_limit, start, shown = [], 0, time.perf_counter(), 0.0
     try:
         for i in range(0, len(examples), args.batch_size):
             chunk = examples[i:i + args.batch_size]
             images = [load_image(e["image"], args.max_image_pixels) for e in chunk]
-            answers = answer_batch(model, processor, images, [e["prefix"] for e in chunk], args.max_new_tokens,
-                                   device, autocast, not args.no_constrain, args.repeat_iou)
+            answers = answer_batch(model, processor, images, [e["prefix"] for e in chunk],
+                                   args.max_new_tokens, device, autocast, not args.no_constrain,
+                                   args.repeat_iou)
             rows += [metrics.Row(e["prefix"], a.text.strip(), e["references"], image.size)
                      for e, image, a in zip(chunk, images, answers)]
             at_limit += sum(a.at_limit for a in answers)
             elapsed = time.perf_counter() - start
             if elapsed - shown > 5 or len(rows) == len(examples):
                 rate = len(rows) / elapsed
+                left = (len(examples) - len(rows)) / rate
                 print(f"{len(rows)}/{len(examples)} examples, {rate:.1f} examples/s, "
-                      f"{(len(examples) - len(rows)) / rate:.0f} s left", file=sys.stderr, flush=True)
+                      f"{left:.0f} s left", file=sys.stderr, flush=True)
                 shown = elapsed
     except KeyboardInterrupt:
         return rows, at_limit, True
@@ -116,7 +122,8 @@ def table(summary: dict[str, dict]) -> str:
             if isinstance(value, dict):
                 lines += [f"  {name} {label:<22} {v:8.4f}" for label, v in value.items()]
             elif name != "examples":
-                lines.append(f"  {name:<32} {value:8.4f}" if isinstance(value, float) else f"  {name:<32} {value:8}")
+                lines.append(f"  {name:<32} {value:8.4f}" if isinstance(value, float) else "  "
+                             f"{name:<32} {value:8}")
     return "\n".join(lines) or "no examples answered"
 
 
@@ -124,23 +131,28 @@ def table(summary: dict[str, dict]) -> str:
 # What is written: predictions, scores, the page
 
 
-def write_results(args, examples: list[dict], rows: list[metrics.Row], summary: dict, each: list[dict], vae,
-                  stopped: bool, at_limit: int):
+def write_results(args, examples: list[dict], rows: list[metrics.Row], summary: dict,
+                  each: list[dict], vae, stopped: bool, at_limit: int):
     """predictions.jsonl, scores.json, images/ and index.html in --out, each file written whole."""
     out = args.out
     (out / "images").mkdir(parents=True, exist_ok=True)
-    for old in (out / "images").glob("[0-9][0-9][0-9][0-9][0-9][0-9].jpg"):  # an earlier evaluation's, --overwrite
+    # an earlier evaluation's, --overwrite
+    for old in (out / "images").glob("[0-9][0-9][0-9][0-9][0-9][0-9].jpg"):
         old.unlink()
     predictions = [dict(line=e["line"], image=str(e["image"]), prefix=r.prefix, answer=r.answer,
-                        references=r.references, scores=own) for e, r, own in zip(examples, rows, each)]
+                        references=r.references, scores=own) for e, r, own in zip(examples, rows,
+                                                                                  each)]
     write_jsonl(out / "predictions.jsonl", predictions)
-    write_json(out / "scores.json", dict(scores=summary, model=args.model, adapter=args.adapter, data=str(args.data),
-                                         examples=len(rows), complete=not stopped, constrained=not args.no_constrain,
-                                         max_new_tokens=args.max_new_tokens, answers_at_token_limit=at_limit))
+    write_json(out / "scores.json", dict(
+        scores=summary, model=args.model, adapter=args.adapter, data=str(args.data),
+        examples=len(rows), complete=not stopped, constrained=not args.no_constrain,
+        max_new_tokens=args.max_new_tokens, answers_at_token_limit=at_limit))
     order = sorted(range(len(rows)), key=lambda i: worst_first(rows[i], each[i]))
     pictures = {i: picture(out, i, rows[i], examples[i], vae) for i in order}
-    write_text(out / "index.html", page(args, summary, [(predictions[i], pictures[i]) for i in order], stopped))
-    print(f"wrote {out / 'index.html'}, {out / 'predictions.jsonl'}, {out / 'scores.json'}", file=sys.stderr)
+    write_text(out / "index.html",
+               page(args, summary, [(predictions[i], pictures[i]) for i in order], stopped))
+    print(f"wrote {out / 'index.html'}, {out / 'predictions.jsonl'}, {out / 'scores.json'}",
+          file=sys.stderr)
 
 
 def worst_first(row: metrics.Row, own: dict) -> tuple:
@@ -150,13 +162,14 @@ def worst_first(row: metrics.Row, own: dict) -> tuple:
 
 
 def picture(out: Path, i: int, row: metrics.Row, example: dict, vae) -> str:
-    """images/N.jpg: the image, and for detect and segment prompts the answer's boxes and masks drawn, the
-    target's beside them; its path relative to the page."""
+    """images/N.jpg: the image, and for detect and segment prompts the answer's boxes and masks
+    drawn, the target's beside them; its path relative to the page."""
     image = load_image(example["image"])
     if prompt_names(row.prefix):
         panels = [draw_detections(image, parse_detections(text, *image.size, vae=vae))
                   for text in (row.answer, row.references[0])]
-        canvas = Image.new("RGB", (sum(p.width for p in panels) + 8, max(p.height for p in panels)), "white")
+        canvas = Image.new("RGB", (sum(p.width for p in panels) + 8, max(p.height for p in panels)),
+                           "white")
         canvas.paste(panels[0], (0, 0))
         canvas.paste(panels[1], (panels[0].width + 8, 0))
     else:
@@ -167,7 +180,8 @@ def picture(out: Path, i: int, row: metrics.Row, example: dict, vae) -> str:
     return f"images/{path.name}"
 
 
-PAGE_STYLE = """body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse}
+PAGE_STYLE = """body{font-family:sans-serif;margin:2em;max-width:1100px}
+table{border-collapse:collapse}
 td,th{padding:2px 10px;text-align:left}.num{text-align:right;font-variant-numeric:tabular-nums}
 .ex{display:flex;gap:16px;border-top:1px solid #ddd;padding:10px 0}.ex img{max-height:320px}
 .ex pre{white-space:pre-wrap;margin:2px 0;font-size:13px}.s{color:#555;font-size:13px}"""
@@ -176,9 +190,11 @@ td,th{padding:2px 10px;text-align:left}.num{text-align:right;font-variant-numeri
 def page(args, summary: dict, shown: list[tuple[dict, str]], stopped: bool) -> str:
     """index.html: the scores, then every example, worst first."""
     e = html.escape
-    head = [f"<!doctype html><meta charset=utf-8><title>{e(str(args.data))}</title><style>{PAGE_STYLE}</style>",
+    head = [f"<!doctype html><meta charset=utf-8><title>{e(str(args.data))}</title>"
+            f"<style>{PAGE_STYLE}</style>",
             f"<h1>{e(str(args.model))}</h1><p class=s>{e(str(args.data))}: {len(shown)} examples"
-            + (" (stopped before the end)" if stopped else "") + "</p>", "<table><tr><th>task<th>metric<th>value"]
+            + (" (stopped before the end)" if stopped else "") + "</p>",
+            "<table><tr><th>task<th>metric<th>value"]
     for task, scores in summary.items():
         for name, value in scores.items():
             if not isinstance(value, dict):
@@ -189,9 +205,10 @@ def page(args, summary: dict, shown: list[tuple[dict, str]], stopped: bool) -> s
     for p, src in shown:
         scores = ", ".join(f"{k} {v:.3f}" for k, v in p["scores"].items())
         refs = "".join(f"<pre>reference: {e(r)}</pre>" for r in p["references"][:10])
-        body.append(f"<div class=ex><img src='{src}' loading=lazy><div><p class=s>line {p['line']}: "
-                    f"{e(p['image'])}</p><pre>prompt: {e(p['prefix'])}</pre><pre>answer: {e(p['answer'])}</pre>"
-                    f"{refs}<p class=s>{e(scores)}</p></div></div>")
+        body.append(f"<div class=ex><img src='{src}' loading=lazy><div><p class=s>line "
+                    f"{p['line']}: {e(p['image'])}</p><pre>prompt: "
+                    f"{e(p['prefix'])}</pre><pre>answer: {e(p['answer'])}</pre>{refs}<p "
+                    f"class=s>{e(scores)}</p></div></div>")
     return "\n".join(head + body) + "\n"
 
 
@@ -200,27 +217,35 @@ def page(args, summary: dict, shown: list[tuple[dict, str]], stopped: bool) -> s
 
 
 def options() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=DefaultsFormatter)
     p.add_argument("--model", default="google/paligemma-3b-pt-224",
-                   help="checkpoint folder or hub id; a folder holding a LoRA adapter loads its base and applies it")
-    p.add_argument("--adapter", default=None, help="a LoRA adapter folder (PEFT's format) to apply to --model")
+                   help="checkpoint folder or hub id; a folder holding a LoRA adapter loads its "
+                   "base and applies it")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter folder (PEFT's format) to apply "
+                   "to --model")
     p.add_argument("--data", type=Path, required=True, help="the JSONL file to score")
-    p.add_argument("--out", type=Path, required=True, help="folder for predictions.jsonl, scores.json, index.html")
+    p.add_argument("--out", type=Path, required=True, help="folder for predictions.jsonl, "
+                   "scores.json, index.html")
     p.add_argument("--overwrite", action="store_true", help="replace the results that --out holds")
     p.add_argument("--batch-size", type=number(int, 1), default=8)
-    p.add_argument("--max-new-tokens", type=number(int, 1), default=128, help="the longest answer generated")
-    p.add_argument("--skip-bad", action="store_true", help="skip bad JSONL lines instead of stopping")
+    p.add_argument("--max-new-tokens", type=number(int, 1), default=128, help="the longest answer "
+                   "generated")
+    p.add_argument("--skip-bad", action="store_true", help="skip bad JSONL lines instead of "
+                   "stopping")
     add_answer_options(p)
     add_vae_option(p)
-    add_quantize_option(p, list(FORMATS), "int8 or int4: the decoder's weights in 8 or 4 bits, for faster "
-                        "decoding (quantize.py); nf4: a QLoRA run's base as it was trained, dequantized once")
+    add_quantize_option(p, list(FORMATS), "int8 or int4: the decoder's weights in 8 or 4 bits, for "
+                        "faster decoding (quantize.py); nf4: a QLoRA run's base "
+                        "as it was trained, dequantized once")
     add_device_options(p)
     add_image_limit(p)
     return p
 
 
 def check_out(out: Path, overwrite: bool):
-    """--out: a folder, or one that can be made, that holds no earlier results unless `overwrite`."""
+    """--out: a folder, or one that can be made, that holds no earlier results unless
+    `overwrite`."""
     existing = next((p for p in [out, *out.resolve().parents] if p.exists()), None)
     if existing is not None and not existing.is_dir():
         raise UserError(f"--out {out}: {existing} is a file, not a folder")
@@ -228,17 +253,19 @@ def check_out(out: Path, overwrite: bool):
         raise UserError(f"--out {out}: {existing} is not writable (permission denied)")
     held = [name for name in OUTPUTS if (out / name).exists()]
     if held and not overwrite:
-        raise UserError(f"--out {out} holds the results of an evaluation ({', '.join(held)}): replace them with "
-                        "--overwrite, or choose another --out")
+        raise UserError(f"--out {out} holds the results of an evaluation ({', '.join(held)}): "
+                        "replace them with --overwrite, or choose another --out")
 
 
 def read_vae(path: str | None, examples: list[dict]):
-    """--vae's VQ-VAE, which scores and draws masks; without it segment answers get their boxes scored."""
+    """--vae's VQ-VAE, which scores and draws masks; without it segment answers get their boxes
+    scored."""
     from vqvae import VQVAE
 
     if path is None:
         if any(prompt_task(e["prefix"]) == "segment" for e in examples):
-            print("the data has segment prompts: their masks are scored (miou, mask_iou) only with --vae",
+            print("the data has segment prompts: their masks are scored (miou, mask_iou) only with "
+                  "--vae",
                   file=sys.stderr)
         return None
     try:

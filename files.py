@@ -4,8 +4,8 @@ A file is written to a temporary name beside it, flushed to disk, then renamed o
 that a reader (or a run killed at any instant) sees the old file or the new one, never half of one.
 `new_output` checks, before any work, that an output file may be written where the user asked.
 
-What it is not: the order in which a checkpoint's files are renamed (checkpoint.py). Standard library
-only, so that any module may use it.
+What it is not: the order in which a checkpoint's files are renamed (checkpoint.py). Standard
+library only, so that any module may use it.
 """
 
 import json
@@ -14,7 +14,8 @@ from pathlib import Path
 
 
 def write_atomically(path: Path, write):
-    """`write(tmp_path)`, flushed to disk, then renamed over `path`: a crash leaves the old file whole."""
+    """`write(tmp_path)`, flushed to disk, then renamed over `path`: a crash leaves the old file
+    whole."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         write(tmp)
@@ -47,8 +48,8 @@ def fsync_folder(folder: Path):
 
 
 def new_output(out: Path, overwrite: bool, inputs=(), what: str = "--out") -> str | None:
-    """Why `out` cannot be written as a new output file, or None: never one of `inputs`, a folder, in a
-    folder that is missing or not writable, nor a file already there unless `overwrite`."""
+    """Why `out` cannot be written as a new output file, or None: never one of `inputs`, a folder,
+    in a folder that is missing or not writable, nor a file already there unless `overwrite`."""
     if any(out.resolve() == Path(i).resolve() for i in inputs):
         return f"{what} {out} is one of the input files; choose another {what}"
     if out.is_dir():

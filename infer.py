@@ -1,16 +1,16 @@
 """Answer prompts about images with a PaliGemma checkpoint.
 
     python infer.py --model google/paligemma-3b-pt-224 --image cat.jpg --prompt "caption en"
-    python infer.py --model out/ --image a.jpg --image b.png --prompt "detect circle" --out boxes.png
-    python infer.py --model lora-out/ --image a.jpg --prompt "caption en"     # an adapter on its base model
+    python infer.py --model out/ --image a.jpg --image b.png --prompt "detect cat" --out boxes.png
+    python infer.py --model lora-out/ --image a.jpg --prompt "caption en"  # an adapter on its base
 
 Prints one answer per image on stdout (nothing else there), timings on stderr. One prompt serves all
-images, or give one per image. Answers to `detect` and `segment` prompts can only take PaliGemma's form
-(detections.AnswerConstraint; `--no-constrain` lets them run free). With `--out`, the boxes of a `detect`
-answer (and the masks of a `segment` answer, decoded by the VQ-VAE of vqvae.py) are drawn on the image.
-Bad input (a missing or unreadable image, a checkpoint without weights, an option out of range, an
-`--out` that cannot be written or that would overwrite an input image) is one line on stderr and
-exit code 2, before the model is loaded where it can be known then.
+images, or give one per image. Answers to `detect` and `segment` prompts can only take PaliGemma's
+form (detections.AnswerConstraint; `--no-constrain` lets them run free). With `--out`, the boxes of
+a `detect` answer (and the masks of a `segment` answer, decoded by the VQ-VAE of vqvae.py) are drawn
+on the image. Bad input (a missing or unreadable image, a checkpoint without weights, an option out
+of range, an `--out` that cannot be written or that would overwrite an input image) is one line on
+stderr and exit code 2, before the model is loaded where it can be known then.
 """
 
 import argparse
@@ -23,8 +23,9 @@ from pathlib import Path
 from PIL import Image
 
 from answers import load_model
-from cli import (DefaultsFormatter, UserError, add_answer_options, add_device_options, add_image_limit,
-                 add_quantize_option, add_vae_option, device_and_dtype, fail, number, use_own_image_limit)
+from cli import (DefaultsFormatter, UserError, add_answer_options, add_device_options,
+                 add_image_limit, add_quantize_option, add_vae_option, device_and_dtype, fail,
+                 number, use_own_image_limit)
 from detections import SEG, AnswerConstraint, AnswerTokens, parse_detections
 from drawing import draw_detections
 from files import write_atomically
@@ -34,18 +35,21 @@ from vqvae import VQVAE
 
 
 def output_paths(out: str, images: list[str], overwrite: bool) -> list[Path]:
-    """Where the drawings go: --out itself, or with several images NAME_0.png, NAME_1.png, ...; checked
-    to be writable image files that are not among the input images, nor files already there (unless
-    `overwrite`)."""
+    """Where the drawings go: --out itself, or with several images NAME_0.png, NAME_1.png, ...;
+    checked to be writable image files that are not among the input images, nor files already there
+    (unless `overwrite`)."""
     out = Path(out)
     if out.is_dir():
         fail(f"--out {out} is a folder; give a file name such as {out / 'boxes.png'}")
-    if out.suffix.lower() not in Image.registered_extensions() or Image.registered_extensions()[out.suffix.lower()] \
-            not in Image.SAVE:
-        fail(f"--out {out}: give an image file name ending in .png or .jpg (the extension says the format)")
+    image_format = Image.registered_extensions().get(out.suffix.lower())
+    if image_format not in Image.SAVE:
+        fail(f"--out {out}: give an image file name ending in .png or .jpg (the extension says the "
+             "format)")
     if not out.parent.is_dir():
         fail(f"--out {out}: the folder {out.parent} does not exist")
-    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(images))]
+    paths = [out]
+    if len(images) > 1:
+        paths = [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(images))]
     inputs = {Path(image).resolve() for image in images}
     for path in paths:
         if path.resolve() in inputs:
@@ -60,18 +64,25 @@ def output_paths(out: str, images: list[str], overwrite: bool) -> list[Path]:
 def save_image(image: Image.Image, path: Path):
     """Written whole (files.write_atomically): never half an image."""
     try:
-        write_atomically(path, lambda tmp: image.save(tmp, format=Image.registered_extensions()[path.suffix.lower()]))
+        write_atomically(
+            path,
+            lambda tmp: image.save(tmp, format=Image.registered_extensions()[path.suffix.lower()]))
     except OSError as e:
         fail(f"--out {path}: cannot be written ({e.strerror or e})")
 
 
 def options() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=DefaultsFormatter)
     p.add_argument("--model", default="google/paligemma-3b-pt-224",
-                   help="checkpoint folder or hub id; a folder holding a LoRA adapter loads its base and applies it")
-    p.add_argument("--adapter", default=None, help="a LoRA adapter folder (PEFT's format) to apply to --model")
-    p.add_argument("--image", action="append", required=True, help="an image file; repeat for several")
-    p.add_argument("--prompt", action="append", required=True, help="e.g. 'caption en'; one for all images or one each")
+                   help="checkpoint folder or hub id; a folder holding a LoRA adapter loads its "
+                   "base and applies it")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter folder (PEFT's format) to apply "
+                   "to --model")
+    p.add_argument("--image", action="append", required=True, help="an image file; repeat for "
+                   "several")
+    p.add_argument("--prompt", action="append", required=True, help="e.g. 'caption en'; one for "
+                   "all images or one each")
     p.add_argument("--max-new-tokens", type=number(int, 1), default=64)
     p.add_argument("--temperature", type=number(float, 0), default=0.0, help="0: greedy")
     p.add_argument("--top-p", type=number(float, 0, 1, above=True), default=1.0, help="1: no top-p")
@@ -79,19 +90,21 @@ def options() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     add_answer_options(p)
     add_device_options(p)
-    add_quantize_option(p, list(FORMATS), "int8 or int4: the decoder's weights in 8 or 4 bits, for faster "
-                        "decoding (quantize.py); nf4: a QLoRA run's base as it was trained, dequantized once")
-    p.add_argument("--out", default=None, help="image file to draw the boxes and masks of the answer on (with several "
-                   "images, _0, _1, ... are added)")
+    add_quantize_option(p, list(FORMATS), "int8 or int4: the decoder's weights in 8 or 4 bits, for "
+                        "faster decoding (quantize.py); nf4: a QLoRA run's base "
+                        "as it was trained, dequantized once")
+    p.add_argument("--out", default=None, help="image file to draw the boxes and masks of the "
+                   "answer on (with several images, _0, _1, ... are added)")
     p.add_argument("--overwrite", action="store_true", help="replace an --out image that exists")
     add_image_limit(p)
     add_vae_option(p)
     return p
 
 
-def draw_answers(images, answers: list[str], out_paths: list[Path], names: list[str], vae_path: str | None):
-    """Each answer's boxes and masks drawn on its image into its --out file (the VQ-VAE read only when an
-    answer holds masks)."""
+def draw_answers(images, answers: list[str], out_paths: list[Path], names: list[str],
+                 vae_path: str | None):
+    """Each answer's boxes and masks drawn on its image into its --out file (the VQ-VAE read only
+    when an answer holds masks)."""
     vae = None
     if any(re.search(SEG, answer) for answer in answers):
         try:
@@ -103,8 +116,8 @@ def draw_answers(images, answers: list[str], out_paths: list[Path], names: list[
         if detections:
             save_image(draw_detections(image, detections), out)
             masks = sum(d.mask is not None for d in detections)
-            print(f"{out}: {len(detections)} boxes" + (f" and {masks} masks" if masks else "") + " drawn",
-                  file=sys.stderr)
+            with_masks = f" and {masks} masks" if masks else ""
+            print(f"{out}: {len(detections)} boxes{with_masks} drawn", file=sys.stderr)
         else:
             print(f"{name}: the answer holds no boxes; nothing written to {out}", file=sys.stderr)
 
@@ -112,9 +125,11 @@ def draw_answers(images, answers: list[str], out_paths: list[Path], names: list[
 def main(argv=None):
     args = options().parse_args(argv)
     if len(args.prompt) not in (1, len(args.image)):
-        fail(f"{len(args.prompt)} prompts for {len(args.image)} images: give one prompt, or one per image")
+        fail(f"{len(args.prompt)} prompts for {len(args.image)} images: give one prompt, or one "
+             "per image")
     prompts = args.prompt * len(args.image) if len(args.prompt) == 1 else args.prompt
-    if why := next((f"--prompt {p!r}: {problem}" for p in prompts if (problem := prompt_problem(p))), None):
+    if why := next(
+        (f"--prompt {p!r}: {problem}" for p in prompts if (problem := prompt_problem(p))), None):
         fail(why)
     out_paths = output_paths(args.out, args.image, args.overwrite) if args.out else []
     if args.vae and not Path(args.vae).is_file():
@@ -129,7 +144,8 @@ def main(argv=None):
 
     batch = {k: v.to(device) for k, v in processor(images, prompts).items()}
     grammar = None if args.no_constrain else AnswerConstraint.for_prompts(
-        prompts, AnswerTokens(processor.tokenizer), model.config.text_config.vocab_size, args.repeat_iou)
+        prompts, AnswerTokens(processor.tokenizer), model.config.text_config.vocab_size,
+        args.repeat_iou)
     start = time.perf_counter()
     try:
         new = model.generate(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
@@ -143,11 +159,12 @@ def main(argv=None):
           f"generated {n_tokens} tokens in {seconds:.2f} s "
           f"({n_tokens / seconds:.1f} tokens/s, prompt included)", file=sys.stderr)
 
-    answers = [(grammar.answer(i, ids, processor.decode) if grammar else processor.decode(ids)).strip()
-               for i, ids in enumerate(new.tolist())]
+    answers = [(grammar.answer(i, ids, processor.decode) if grammar else processor.decode(ids))
+               .strip() for i, ids in enumerate(new.tolist())]
     for name, row in zip(args.image, grammar.rows if grammar else []):
         if row is not None and row.cut is not None:
-            print(f"{name}: the answer repeated an object (IoU >= {args.repeat_iou}); it ends before it",
+            print(f"{name}: the answer repeated an object (IoU >= {args.repeat_iou}); it ends "
+                  "before it",
                   file=sys.stderr)
     for answer in answers:
         print(" ".join(answer.splitlines()))

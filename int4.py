@@ -1,17 +1,19 @@
-"""4-bit integer weights for inference, in groups: a linear layer read in a quarter of bfloat16's bytes.
+"""4-bit integer weights for inference, in groups: a linear layer read in a quarter of bfloat16's
+bytes.
 
 Each output channel's weights are cut into groups of `group_size` along the input (32 to 256; 128 by
-default); a group's values are mapped to 0..15 between its minimum and maximum (asymmetric), and packed
-two to a byte in the layout of torch's int4 kernels, with a scale and a zero per group:
+default); a group's values are mapped to 0..15 between its minimum and maximum (asymmetric), and
+packed two to a byte in the layout of torch's int4 kernels, with a scale and a zero per group:
 
     weight (out, in) --quantize--> packed codes, scales_and_zeros (in / group_size, out, 2)
     w = (q - 8) * scale + zero      (tinygemm's convention: zero = min + 8 * scale)
-    y = x @ w.T                     aten._weight_int4pack_mm_for_cpu on the CPU, _weight_int4pack_mm on CUDA
+    y = x @ w.T                     aten._weight_int4pack_mm_for_cpu on the CPU,
+                                    aten._weight_int4pack_mm on CUDA
 
 On the CPU the kernel is fast only for bfloat16 activations: x goes in as bfloat16 and the result
-comes back in x's dtype. On CUDA (tinygemm) the activations are bfloat16 too. The kernels take widths
-whose input is a multiple of the group and whose output is a multiple of 16 (`fits`); quantize.py leaves
-a layer that does not fit in another format.
+comes back in x's dtype. On CUDA (tinygemm) the activations are bfloat16 too. The kernels take
+widths whose input is a multiple of the group and whose output is a multiple of 16 (`fits`);
+quantize.py leaves a layer that does not fit in another format.
 
 What it is not: training, or a checkpoint format (checkpoints keep full-precision weights, quantized
 again as they are read). Imports torch only.
@@ -30,8 +32,9 @@ def group_size_for(in_features: int) -> int | None:
 
 def quantize(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A weight (out, in) -> codes int32 (out, in) in 0..15, and scales_and_zeros bfloat16
-    (in / group_size, out, 2), as gpt-fast and torchao compute them (scale = (max - min) / 15), in the
-    dtype the kernels take them (converting them at every product would cost a pass over them)."""
+    (in / group_size, out, 2), as gpt-fast and torchao compute them (scale = (max - min) / 15), in
+    the dtype the kernels take them (converting them at every product would cost a pass over
+    them)."""
     out_features, in_features = weight.shape
     groups = weight.detach().float().reshape(out_features, -1, group_size)  # (out, in / g, g)
     low, high = groups.amin(-1), groups.amax(-1)
@@ -39,7 +42,8 @@ def quantize(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     zeros = (low + 8 * scales).to(torch.bfloat16).float()
     low = zeros - 8 * scales  # the minimum as the kernel reads it back
     codes = ((groups - low[..., None]) / scales[..., None]).round().clamp(0, 15).to(torch.int32)
-    scales_and_zeros = torch.stack([scales, zeros], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+    scales_and_zeros = torch.stack([scales, zeros],
+                                   -1).transpose(0, 1).contiguous().to(torch.bfloat16)
     return codes.reshape(out_features, in_features), scales_and_zeros
 
 
@@ -57,21 +61,25 @@ class Int4Linear(nn.Module):
 
     name = "int4"
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device=None,
-                 persistent: bool = True, runs_on: str = "cpu"):
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
+                 device=None, persistent: bool = True, runs_on: str = "cpu"):
         super().__init__()
         self.in_features, self.out_features, self.dtype = in_features, out_features, dtype
         self.group_size = group_size_for(in_features)
-        # The packed codes take the layout of the kernel of the device they run on (`runs_on`): made there
-        # (`state`), never saved in a checkpoint.
-        packed = (dict(size=(out_features, in_features // 2), dtype=torch.uint8) if runs_on.startswith("cpu") else
-                  dict(size=(out_features // 8, in_features // (INNER_K_TILES * 16), 32, INNER_K_TILES // 2),
+        # The packed codes take the layout of the kernel of the device they run on (`runs_on`): made
+        # there (`state`), never saved in a checkpoint.
+        packed = (dict(size=(out_features, in_features // 2),
+                       dtype=torch.uint8) if runs_on.startswith("cpu") else
+                  dict(size=(out_features // 8, in_features // (INNER_K_TILES * 16), 32,
+                             INNER_K_TILES // 2),
                        dtype=torch.int32))
         self.register_buffer("packed", torch.empty(**packed, device=device), persistent=persistent)
-        self.register_buffer("scales_and_zeros", torch.empty(in_features // (self.group_size or 1), out_features, 2,
-                                                             dtype=torch.bfloat16, device=device),
+        self.register_buffer("scales_and_zeros", torch.empty(in_features // (self.group_size or 1),
+                                                             out_features, 2, dtype=torch.bfloat16,
+                                                             device=device),
                              persistent=persistent)
-        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) \
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device),
+                                 requires_grad=False) \
             if bias else None
 
     @staticmethod
@@ -80,8 +88,8 @@ class Int4Linear(nn.Module):
 
     @staticmethod
     def state(weight_name: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The layer's tensors, by name in the model, from its full-precision weight (on the device where
-        the layer runs: the packing is the device's)."""
+        """The layer's tensors, by name in the model, from its full-precision weight (on the device
+        where the layer runs: the packing is the device's)."""
         prefix = weight_name.rpartition(".")[0]
         codes, scales_and_zeros = quantize(weight, group_size_for(weight.shape[1]))
         return {f"{prefix}.packed": pack(codes), f"{prefix}.scales_and_zeros": scales_and_zeros}
@@ -89,8 +97,10 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
         if x.device.type == "cpu":
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group_size, self.scales_and_zeros)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group_size,
+                                                           self.scales_and_zeros)
         else:
-            y = torch.ops.aten._weight_int4pack_mm(flat, self.packed, self.group_size, self.scales_and_zeros)
+            y = torch.ops.aten._weight_int4pack_mm(flat, self.packed, self.group_size,
+                                                   self.scales_and_zeros)
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias

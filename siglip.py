@@ -87,7 +87,8 @@ class SiglipVisionModel(nn.Module):
         self.config = cfg
         # nn.ModuleDicts only to give the parameters the checkpoint's names.
         self.embeddings = nn.ModuleDict(dict(
-            patch_embedding=nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size),
+            patch_embedding=nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size,
+                                      stride=cfg.patch_size),
             position_embedding=nn.Embedding(cfg.num_patches, cfg.hidden_size),
         ))
         self.encoder = nn.ModuleDict(dict(
@@ -99,8 +100,8 @@ class SiglipVisionModel(nn.Module):
         """(B, 3, H, W) -> (B, N, D), patches in row-major order."""
         size, channels = self.config.image_size, self.config.num_channels
         if pixel_values.dim() != 4 or pixel_values.shape[1:] != (channels, size, size):
-            raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)}; this model takes images of "
-                             f"{size}x{size} pixels, as (B, {channels}, {size}, {size})")
+            raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)}; this model takes "
+                             f"images of {size}x{size} pixels, as (B, {channels}, {size}, {size})")
         x = self.embeddings.patch_embedding(pixel_values)  # (B, D, H/14, W/14)
         x = x.flatten(2).transpose(1, 2)  # (B, N, D)
         x = x + self.embeddings.position_embedding.weight

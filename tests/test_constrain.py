@@ -1,6 +1,7 @@
-"""Answers that can only be well-formed: detections.AnswerGrammar accepts what our encoders write and nothing
-malformed; constrained generation yields parseable answers; a repeated object ends the answer; training
-can shuffle the objects and still resume bit for bit; evaluation draws its predictions."""
+"""Answers that can only be well-formed: detections.AnswerGrammar accepts what our encoders write
+and nothing malformed; constrained generation yields parseable answers; a repeated object ends the
+answer; training can shuffle the objects and still resume bit for bit; evaluation draws its
+predictions."""
 
 import json
 import os
@@ -13,8 +14,8 @@ import torch
 from PIL import Image
 
 from conftest import make_dataset, stopped_then_resumed
-from detections import (AnswerConstraint, AnswerGrammar, AnswerTokens, answer_problems, loc_tokens, parse_detections,
-                        segment_tokens)
+from detections import (AnswerConstraint, AnswerGrammar, AnswerTokens, answer_problems, loc_tokens,
+                        parse_detections, segment_tokens)
 from drawing import evaluation_picture
 from paligemma import PaliGemma, read_config
 from processor import Processor
@@ -30,7 +31,8 @@ def tokens(mqa_checkpoint):
 
 
 def walk(grammar: AnswerGrammar, ids: list[int], remaining: int = 1000) -> int | None:
-    """Feeds ids to the grammar; returns the position of the first one it does not allow (None: all allowed)."""
+    """Feeds ids to the grammar; returns the position of the first one it does not allow (None: all
+    allowed)."""
     for position, token in enumerate(ids):
         allowed = np.concatenate([np.atleast_1d(a) for a in grammar.allowed(remaining - position)])
         if token not in allowed:
@@ -46,7 +48,8 @@ def random_answer(rng, segment: bool, vae) -> str:
         box = (x1, y1, x1 + int(rng.integers(3, 20)), y1 + int(rng.integers(3, 20)))
         if segment:
             mask = np.zeros((112, 112), dtype=bool)
-            mask[box[1]:box[3], box[0]:box[2]] = rng.random((box[3] - box[1], box[2] - box[0])) < 0.7
+            mask[box[1]:box[3],
+                 box[0]:box[2]] = rng.random((box[3] - box[1], box[2] - box[0])) < 0.7
             written = segment_tokens(mask, box, vae)
         else:
             written = loc_tokens(box, 112, 112)
@@ -63,10 +66,13 @@ def test_accepts_what_our_encoders_write(segment, tokens, mqa_checkpoint):
         answer = random_answer(rng, segment, vae)
         grammar = AnswerGrammar(NAMES, segment, tokens)
         assert walk(grammar, tokenizer.encode(answer) + [tokenizer.eos_id]) is None, answer
-        assert grammar.phase == "done" and len(grammar.objects) == len(parse_detections(answer, 112, 112))
-        assert answer_problems(answer, ("segment " if segment else "detect ") + " ; ".join(NAMES)) == \
-            dict(malformed=0, labels_not_in_prompt=0, repeated_objects=0)
-    assert walk(AnswerGrammar(NAMES, segment, tokens), [tokenizer.eos_id]) is None  # nothing found: allowed
+        assert grammar.phase == "done"
+        assert len(grammar.objects) == len(parse_detections(answer, 112, 112))
+        prompt = ("segment " if segment else "detect ") + " ; ".join(NAMES)
+        assert answer_problems(answer, prompt) == dict(malformed=0, labels_not_in_prompt=0,
+                                                       repeated_objects=0)
+    # nothing found: allowed
+    assert walk(AnswerGrammar(NAMES, segment, tokens), [tokenizer.eos_id]) is None
 
 
 BOX = "<loc0100><loc0200><loc0300><loc0400>"
@@ -77,7 +83,8 @@ MALFORMED = {  # answer, segment prompt?, what answer_problems finds
     "seg tokens in a detect answer": (f"{BOX}{SEGS} circle", False, "malformed"),
     "15 seg tokens": (f"{BOX}{SEGS[:-8]} circle", True, "malformed"),
     "no seg tokens in a segment answer": (f"{BOX} circle", True, "malformed"),
-    "a box that ends before it starts": ("<loc0300><loc0200><loc0100><loc0400> circle", False, "malformed"),
+    "a box that ends before it starts": ("<loc0300><loc0200><loc0100><loc0400> circle", False,
+                                         "malformed"),
     "text after a label": (f"{BOX} circle is round", False, "labels_not_in_prompt"),
 }
 
@@ -86,20 +93,24 @@ MALFORMED = {  # answer, segment prompt?, what answer_problems finds
 def test_refuses_malformed_answers(case, tokens, mqa_checkpoint):
     answer, segment, problem = MALFORMED[case]
     tokenizer = Processor.from_pretrained(mqa_checkpoint).tokenizer
-    assert walk(AnswerGrammar(NAMES, segment, tokens), tokenizer.encode(answer) + [tokenizer.eos_id]) is not None
-    assert answer_problems(answer, ("segment " if segment else "detect ") + " ; ".join(NAMES))[problem] == 1
+    assert walk(AnswerGrammar(NAMES, segment, tokens),
+                tokenizer.encode(answer) + [tokenizer.eos_id]) is not None
+    assert answer_problems(answer,
+                           ("segment " if segment else "detect ") + " ; ".join(NAMES))[problem] == 1
 
 
 def test_a_repeated_object_ends_the_answer(tokens, mqa_checkpoint):
     tokenizer = Processor.from_pretrained(mqa_checkpoint).tokenizer
     near = "<loc0101><loc0200><loc0300><loc0401>"  # IoU 0.99 with BOX
-    answer = f"{BOX} circle ; <loc0500><loc0500><loc0600><loc0600> circle ; {near} circle ; {BOX} square"
+    answer = (f"{BOX} circle ; <loc0500><loc0500><loc0600><loc0600> circle ; {near} circle ; "
+              f"{BOX} square")
     ids = tokenizer.encode(answer)
     grammar = AnswerGrammar(NAMES, False, tokens)
     first = ids.index(tokenizer.encode("<loc0101>")[0])
     end_of_name = first + 4 + len(tokenizer.encode(" circle ; "))
     assert walk(grammar, ids[:end_of_name]) is None
-    assert [list(np.atleast_1d(a)) for a in grammar.allowed(100)] == [[tokenizer.eos_id]]  # only <eos> now
+    # only <eos> now
+    assert [list(np.atleast_1d(a)) for a in grammar.allowed(100)] == [[tokenizer.eos_id]]
     constraint = AnswerConstraint(["detect circle ; square"], tokens, 10)
     constraint.rows[0] = grammar
     kept = constraint.answer(0, ids[:end_of_name], tokenizer.decode)
@@ -109,12 +120,14 @@ def test_a_repeated_object_ends_the_answer(tokens, mqa_checkpoint):
 
 
 def test_a_repeated_last_object_is_cut_when_generation_stops_at_its_eos(tokens, mqa_checkpoint):
-    """generate shows each token to the constraint at the next step, so the batch's last <eos> is never shown:
-    answer() reads it, and the object it ends, repeated, is cut."""
+    """generate shows each token to the constraint at the next step, so the batch's last <eos> is
+    never shown: answer() reads it, and the object it ends, repeated, is cut."""
     tokenizer = Processor.from_pretrained(mqa_checkpoint).tokenizer
-    ids = tokenizer.encode(f"{BOX} circle ; <loc0101><loc0200><loc0300><loc0401> circle") + [tokenizer.eos_id]
-    constraint = AnswerConstraint(["detect circle ; square"], tokens, read_config(mqa_checkpoint / "config.json")
-                                  .text_config.vocab_size)
+    ids = tokenizer.encode(f"{BOX} circle ; <loc0101><loc0200><loc0300><loc0401> circle")
+    ids.append(tokenizer.eos_id)
+    constraint = AnswerConstraint(
+        ["detect circle ; square"], tokens,
+        read_config(mqa_checkpoint / "config.json").text_config.vocab_size)
     previous = None
     for k, token in enumerate(ids):  # as generate calls it
         assert constraint(previous, 100 - k)[0, token]
@@ -134,9 +147,10 @@ def test_the_token_limit_is_never_cut_mid_object(tokens, mqa_checkpoint):
 
 
 def test_constrained_generation_is_always_parseable(mqa_checkpoint, tokens):
-    """A random model, greedy: free answers are mostly malformed; constrained ones never are, in a batch of
-    rows with prompts of their own (and a caption prompt, which stays free)."""
-    model, processor = PaliGemma.from_pretrained(mqa_checkpoint), Processor.from_pretrained(mqa_checkpoint)
+    """A random model, greedy: free answers are mostly malformed; constrained ones never are, in a
+    batch of rows with prompts of their own (and a caption prompt, which stays free)."""
+    model = PaliGemma.from_pretrained(mqa_checkpoint)
+    processor = Processor.from_pretrained(mqa_checkpoint)
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)) for _ in range(6)]
     prefixes = ["detect circle ; square", "segment circle", "detect red triangle", "caption en",
@@ -150,12 +164,15 @@ def test_constrained_generation_is_always_parseable(mqa_checkpoint, tokens):
     for name, new in (("free", free), ("constrained", constrained)):
         for i, (prefix, ids) in enumerate(zip(prefixes, new.tolist())):
             if prefix.startswith(("detect", "segment")):
-                answer = grammar.answer(i, ids, processor.decode) if name == "constrained" else processor.decode(ids)
+                answer = processor.decode(ids)
+                if name == "constrained":
+                    answer = grammar.answer(i, ids, processor.decode)
                 problems[name] += sum(answer_problems(answer, prefix).values())
     print(f"problems in 5 detect/segment answers of a random model: free {problems['free']}, "
           f"constrained {problems['constrained']}")
     assert problems["constrained"] == 0 < problems["free"]
-    assert torch.equal(constrained[3], free[3][:len(constrained[3])]) or constrained.shape[1] < free.shape[1]
+    assert torch.equal(constrained[3],
+                       free[3][:len(constrained[3])]) or constrained.shape[1] < free.shape[1]
 
 
 def test_shuffled_objects_resume_bit_for_bit(run_train, mqa_checkpoint, tmp_path, monkeypatch):
@@ -173,13 +190,14 @@ def test_shuffled_objects_resume_bit_for_bit(run_train, mqa_checkpoint, tmp_path
 
 
 def test_shuffle_objects_is_kept_on_resume(run_train, tmp_path, monkeypatch):
-    """--resume without --shuffle-objects keeps shuffling, as the run did: the same weights as a run never
-    stopped (on answers of several objects, whose order changes the loss)."""
+    """--resume without --shuffle-objects keeps shuffling, as the run did: the same weights as a run
+    never stopped (on answers of several objects, whose order changes the loss)."""
     data = make_dataset(tmp_path / "many", 16, "many.jsonl")
     lines = [json.loads(line) for line in data.read_text().splitlines()]
     for record in lines:
         if record["prefix"].startswith("detect"):
-            record["suffix"] = f"{BOX} square ; <loc0500><loc0100><loc0900><loc0400> square ; {BOX} square"
+            record["suffix"] = (f"{BOX} square ; <loc0500><loc0100><loc0900><loc0400> square ; "
+                                f"{BOX} square")
     data.write_text("".join(json.dumps(r) + "\n" for r in lines))
     args = ["--steps", "6", "--lr", "1e-2", "--eval-every", "0", "--batch-size", "8"]
     straight = run_train(tmp_path / "straight", *args, "--shuffle-objects", data=data)
@@ -192,41 +210,50 @@ def test_shuffle_objects_is_kept_on_resume(run_train, tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.load(tmp_path / "resumed" / "train_state.pt")["options"]["shuffle_objects"] is True
     run_train(tmp_path / "resumed", *args, "--resume", data=data)  # without --shuffle-objects
-    a, b, c = (PaliGemma.from_pretrained(f).state_dict() for f in (straight, tmp_path / "resumed", unshuffled))
+    a, b, c = (PaliGemma.from_pretrained(f).state_dict() for f in (straight, tmp_path / "resumed",
+                                                                   unshuffled))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert not all(torch.equal(a[k], c[k]) for k in a)  # shuffling changes the weights: the test can fail
+    # shuffling changes the weights: the test can fail
+    assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
 def test_the_evaluation_picture(run_train, tmp_path, capsys):
     out = run_train(tmp_path / "o", "--steps", "1", "--eval-every", "1")
     assert f"picture: {out / 'eval' / 'step-1.jpg'}" in capsys.readouterr().out
     with Image.open(out / "eval" / "step-1.jpg") as picture:
-        assert picture.format == "JPEG" and picture.width == 4 * 512  # 8 validation examples, 4 a row
+        # 8 validation examples, 4 a row
+        assert picture.format == "JPEG" and picture.width == 4 * 512
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert {"detect/malformed_answers", "detect/labels_not_in_prompt", "repeated_objects_cut"} <= metrics[-1].keys()
+    assert {"detect/malformed_answers", "detect/labels_not_in_prompt",
+            "repeated_objects_cut"} <= metrics[-1].keys()
     # Boxes change the pixels where they are drawn, a target's dashed outline too (white, thin).
     grey = Image.new("RGB", (100, 100), (128, 128, 128))
-    drawn = np.asarray(evaluation_picture([(grey, "detect circle", "<loc0100><loc0100><loc0500><loc0500> circle",
-                                            "<loc0600><loc0600><loc0900><loc0900> circle")])).astype(int)
+    example = (grey, "detect circle", "<loc0100><loc0100><loc0500><loc0500> circle",
+               "<loc0600><loc0600><loc0900><loc0900> circle")
+    drawn = np.asarray(evaluation_picture([example])).astype(int)
     scale = 512 / 100  # the tile's pixels per pixel of the image
     top, left, right = (round(v / 1024 * 100 * scale) for v in (100, 100, 500))
     edge = drawn[top - 2:top + 3, left + 10:right - 10]
-    assert (np.abs(edge - 128).sum(-1) > 100).any(0).all()  # the predicted box's top edge, in colour, all along
+    # the predicted box's top edge, in colour, all along
+    assert (np.abs(edge - 128).sum(-1) > 100).any(0).all()
     top, left, right = (round(v / 1024 * 100 * scale) for v in (600, 600, 900))
     edge = drawn[top - 2:top + 3, left + 10:right - 10]
     white, grey = (edge > 200).all(-1).any(0), (np.abs(edge - 128).sum(-1) < 30).all(0)
-    assert white.sum() > 0.3 * len(white) and grey.sum() > 0.2 * len(grey)  # the target's: white dashes, gaps
+    # the target's: white dashes, gaps
+    assert white.sum() > 0.3 * len(white) and grey.sum() > 0.2 * len(grey)
 
 
-BAD_NAMES = ["detect <loc0001>", "detect a<seg001>b", "segment cat<image>", "detect a\tb", "detect a\nb",
+BAD_NAMES = ["detect <loc0001>", "detect a<seg001>b", "segment cat<image>", "detect a\tb", "detect "
+             "a\nb",
              "<image>detect cat"]
 
 
 @pytest.mark.parametrize("prompt", BAD_NAMES, ids=[repr(p) for p in BAD_NAMES])
-def test_prompts_the_grammar_cannot_answer_are_refused(prompt, tokens, mqa_checkpoint, data, tmp_path):
-    """A class name holding a <loc>, <seg> or <image> token, a tab or a newline (and any prompt written with
-    <image>, as transformers' documentation writes them): one line in infer.py and in the data check, a
-    ValueError in the Python API; never a row left without a token to take."""
+def test_prompts_the_grammar_cannot_answer_are_refused(prompt, tokens, mqa_checkpoint, data,
+                                                       tmp_path):
+    """A class name holding a <loc>, <seg> or <image> token, a tab or a newline (and any prompt
+    written with <image>, as transformers' documentation writes them): one line in infer.py and in
+    the data check, a ValueError in the Python API; never a row left without a token to take."""
     import infer
     from cli import UserError
     from data import read_jsonl
@@ -237,13 +264,15 @@ def test_prompts_the_grammar_cannot_answer_are_refused(prompt, tokens, mqa_check
         with pytest.raises(ValueError, match="class name"):
             AnswerConstraint([prompt], tokens, 100)
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps(dict(image=str(data.parent / "train.jsonl-0.png"), prefix=prompt, suffix="x")) + "\n")
+    bad.write_text(json.dumps(dict(image=str(data.parent / "train.jsonl-0.png"), prefix=prompt,
+                                   suffix="x")) + "\n")
     with pytest.raises(UserError) as e:
         read_jsonl(bad, skip_bad=False)
-    assert f"{bad}:1: " in e.value.details[0] and ("class name" in e.value.details[0] or "<image>" in e.value.details[0])
+    detail = e.value.details[0]
+    assert f"{bad}:1: " in detail and ("class name" in detail or "<image>" in detail)
     with pytest.raises(SystemExit) as stop:
-        infer.main(["--model", str(mqa_checkpoint), "--image", str(data.parent / "train.jsonl-0.png"), "--prompt",
-                    prompt])
+        infer.main(["--model", str(mqa_checkpoint), "--image",
+                    str(data.parent / "train.jsonl-0.png"), "--prompt", prompt])
     assert stop.value.code == 2
 
 
@@ -253,14 +282,16 @@ def test_a_name_of_hundreds_of_tokens(tokens):
 
 
 def test_answers_the_token_limit_ended_are_counted_under_the_grammar(mqa_checkpoint):
-    """The grammar starts an object only if it can finish, then forces <eos>: an answer the limit cut looks
-    finished, and is still counted as ended by the limit."""
+    """The grammar starts an object only if it can finish, then forces <eos>: an answer the limit
+    cut looks finished, and is still counted as ended by the limit."""
     from answers import answer_batch
-    model, processor = PaliGemma.from_pretrained(mqa_checkpoint), Processor.from_pretrained(mqa_checkpoint)
+    model = PaliGemma.from_pretrained(mqa_checkpoint)
+    processor = Processor.from_pretrained(mqa_checkpoint)
     images = [Image.new("RGB", (32, 32), c) for c in ("red", "blue")]
     off = torch.autocast("cpu", enabled=False)
     prompts = ["detect square ; circle", "caption en"]
     short = answer_batch(model, processor, images, prompts, 5, torch.device("cpu"), off)
-    assert [a.text for a in short][0] == "" and all(a.at_limit for a in short)  # no object fits in 5 tokens
+    # no object fits in 5 tokens
+    assert [a.text for a in short][0] == "" and all(a.at_limit for a in short)
     long = answer_batch(model, processor, images[:1], prompts[:1], 200, torch.device("cpu"), off)
     assert not long[0].at_limit

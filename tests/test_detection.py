@@ -1,4 +1,5 @@
-"""metrics.detection_map is COCO box mAP exactly as pycocotools (a test-only dependency) computes it."""
+"""metrics.detection_map is COCO box mAP exactly as pycocotools (a test-only dependency) computes
+it."""
 
 import contextlib
 import io
@@ -21,20 +22,21 @@ def answer(boxes) -> str:
 
 
 def pycocotools_map(pairs) -> dict:
-    """The same boxes (parsed as detection_map parses them, at image size 1) through pycocotools' COCOeval,
-    every detection with score 1 and ids in the order of the images and the answers."""
-    labels = sorted({d.label for p, t in pairs for text in (p, t) for d in parse_detections(text, 1, 1)})
+    """The same boxes (parsed as detection_map parses them, at image size 1) through pycocotools'
+    COCOeval, every detection with score 1 and ids in the order of the images and the answers."""
+    labels = sorted({d.label for p, t in pairs for text in (p, t)
+                     for d in parse_detections(text, 1, 1)})
     category = {label: i + 1 for i, label in enumerate(labels)}
     images, targets, detections = [], [], []
     for image_id, (predicted, target) in enumerate(pairs, 1):
         images.append(dict(id=image_id, width=1, height=1))
         for (x1, y1, x2, y2), label, *_ in parse_detections(target, 1, 1):
             box = [x1, y1, x2 - x1, y2 - y1]
-            targets.append(dict(id=len(targets) + 1, image_id=image_id, category_id=category[label], bbox=box,
-                                area=box[2] * box[3], iscrowd=0))
+            targets.append(dict(id=len(targets) + 1, image_id=image_id, category_id=category[label],
+                                bbox=box, area=box[2] * box[3], iscrowd=0))
         for (x1, y1, x2, y2), label, *_ in parse_detections(predicted, 1, 1):
-            detections.append(dict(image_id=image_id, category_id=category[label], bbox=[x1, y1, x2 - x1, y2 - y1],
-                                   score=1.0))
+            detections.append(dict(image_id=image_id, category_id=category[label],
+                                   bbox=[x1, y1, x2 - x1, y2 - y1], score=1.0))
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
         gt = COCO()
         categories = [dict(id=i, name=n) for n, i in category.items()]
@@ -44,14 +46,17 @@ def pycocotools_map(pairs) -> dict:
         evaluation.evaluate()
         evaluation.accumulate()
         evaluation.summarize()
-    precision = evaluation.eval["precision"][:, :, :, 0, 2]  # (thresholds, recall points, labels), area all, 100 boxes
+    # (thresholds, recall points, labels), area all, 100 boxes
+    precision = evaluation.eval["precision"][:, :, :, 0, 2]
     per_label = {label: float(precision[:, :, category[label] - 1].mean()) for label in labels
                  if (precision[:, :, category[label] - 1] > -1).all()}
-    return dict(map50=float(evaluation.stats[1]), map50_95=float(evaluation.stats[0]), ap50_95=per_label)
+    return dict(map50=float(evaluation.stats[1]), map50_95=float(evaluation.stats[0]),
+                ap50_95=per_label)
 
 
 def random_case(rng: np.random.Generator) -> list[tuple[str, str]]:
-    """Images with 0-4 targets of up to 3 labels, and answers that find, miss, shift, mislabel and repeat them."""
+    """Images with 0-4 targets of up to 3 labels, and answers that find, miss, shift, mislabel and
+    repeat them."""
     pairs = []
     for _ in range(int(rng.integers(1, 8))):
         targets = []
@@ -62,7 +67,8 @@ def random_case(rng: np.random.Generator) -> list[tuple[str, str]]:
         predicted = []
         for y1, x1, y2, x2, label in targets:
             if rng.random() < 0.8:
-                shift = int(rng.integers(0, 40))  # IoU from 1 down to below 0.5: exact ties with the thresholds too
+                # IoU from 1 down to below 0.5: exact ties with the thresholds too
+                shift = int(rng.integers(0, 40))
                 box = (y1 + shift, x1, min(1023, y2 + shift), x2)
                 predicted.append((*box, label if rng.random() < 0.9 else str(rng.choice(LABELS))))
                 if rng.random() < 0.2:
@@ -82,7 +88,8 @@ def test_equals_pycocotools(seed):
     assert ours["map50"] == pytest.approx(theirs["map50"], abs=1e-6)
     assert ours["map50_95"] == pytest.approx(theirs["map50_95"], abs=1e-6)
     assert ours["ap50_95"].keys() == theirs["ap50_95"].keys()
-    assert all(ours["ap50_95"][k] == pytest.approx(theirs["ap50_95"][k], abs=1e-6) for k in ours["ap50_95"])
+    assert all(ours["ap50_95"][k] == pytest.approx(theirs["ap50_95"][k],
+                                                   abs=1e-6) for k in ours["ap50_95"])
 
 
 def test_edge_cases_equal_pycocotools():
@@ -90,14 +97,18 @@ def test_edge_cases_equal_pycocotools():
     cases = {
         "perfect": [(answer([box]), answer([box]))],
         "no prediction": [("", answer([box])), (answer([box]), answer([box]))],
-        "image without targets": [(answer([box]), ""), (answer([box, other]), answer([box, other]))],
+        "image without targets": [(answer([box]), ""),
+                                  (answer([box, other]), answer([box, other]))],
         "duplicated box": [(answer([box, box, box]), answer([box]))],
-        "order matters with equal scores": [(answer([(100, 100, 300, 200, "cat"), box]), answer([box])),
-                                            (answer([box]), answer([box]))],
+        "order matters with equal scores": [
+            (answer([(100, 100, 300, 200, "cat"), box]), answer([box])),
+            (answer([box]), answer([box]))],
         "label never in the targets": [(answer([box, (0, 0, 50, 50, "zebra")]), answer([box]))],
     }
     for name, pairs in cases.items():
         ours, theirs = detection_map(pairs), pycocotools_map(pairs)
-        assert (ours["map50"], ours["map50_95"]) == pytest.approx((theirs["map50"], theirs["map50_95"]), abs=1e-6), name
+        assert (ours["map50"], ours["map50_95"]) == pytest.approx(
+            (theirs["map50"], theirs["map50_95"]), abs=1e-6), name
     assert detection_map([("", "")])["map50"] == -1  # nothing to find: pycocotools' -1
-    assert detection_map(cases["duplicated box"])["map50"] < 1 and repeated_boxes(cases["duplicated box"][0][0]) == 2
+    duplicated = cases["duplicated box"]
+    assert detection_map(duplicated)["map50"] < 1 and repeated_boxes(duplicated[0][0]) == 2

@@ -26,7 +26,8 @@ def logits(folder, **kw):
     model = PaliGemma.from_pretrained(folder, **kw)
     batch = Processor.from_pretrained(folder)(random_images(2), PREFIXES[:2])
     with torch.no_grad():
-        return model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], batch["token_type_ids"])
+        return model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
+                     batch["token_type_ids"])
 
 
 def test_all_layouts_give_the_same_model(layouts):
@@ -55,14 +56,16 @@ def edited(src, dst, edit):
 def test_missing_tensor_is_named(layouts, tmp_path):
     key = "language_model.model.layers.1.self_attn.k_proj.weight"
     folder = edited(layouts["official"], tmp_path / "c", lambda s: s.pop(key))
-    with pytest.raises(ValueError, match=r"missing tensors: language_model\.layers\.1\.self_attn\.k_proj\.weight"):
+    with pytest.raises(
+        ValueError, match=r"missing tensors: language_model\.layers\.1\.self_attn\.k_proj\.weight"):
         PaliGemma.from_pretrained(folder)
 
 
 def test_unexpected_tensor_is_named(layouts, tmp_path):
     extra = {"language_model.model.extra.weight": torch.zeros(3)}
     folder = edited(layouts["official"], tmp_path / "c", lambda s: s.update(extra))
-    with pytest.raises(ValueError, match=r"unexpected tensors: language_model\.model\.extra\.weight"):
+    with pytest.raises(ValueError,
+                       match=r"unexpected tensors: language_model\.model\.extra\.weight"):
         PaliGemma.from_pretrained(folder)
 
 
@@ -108,7 +111,8 @@ def test_unreachable_hub_id(monkeypatch):
 
     # What a machine without hub access sees (and no download where there is access).
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(OSError, match="could not be fetched from the Hugging Face hub.*huggingface-cli login"):
+    with pytest.raises(
+        OSError, match="could not be fetched from the Hugging Face hub.*huggingface-cli login"):
         PaliGemma.from_pretrained("google/paligemma-3b-pt-224")
     with pytest.raises(OSError, match="could not be fetched"):
         Processor.from_pretrained("google/paligemma-3b-pt-224")
@@ -117,7 +121,8 @@ def test_unreachable_hub_id(monkeypatch):
 def test_wrong_resolution_names_the_expected_one(mqa_checkpoint):
     model = PaliGemma.from_pretrained(mqa_checkpoint)
     batch = Processor.from_pretrained(mqa_checkpoint)(random_images(1), ["caption en"])
-    with pytest.raises(ValueError, match=r"this model takes images of 28x28 pixels, as \(B, 3, 28, 28\)"):
+    with pytest.raises(ValueError,
+                       match=r"this model takes images of 28x28 pixels, as \(B, 3, 28, 28\)"):
         model(batch["input_ids"], torch.zeros(1, 3, 56, 56))
 
 

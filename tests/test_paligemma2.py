@@ -7,8 +7,8 @@ import shutil
 import pytest
 import torch
 
-from conftest import (PREFIXES, SUFFIXES, compare, fresh_checkpoint, hf_config, make_checkpoint, random_images,
-                      rewrite_official)
+from conftest import (PREFIXES, SUFFIXES, compare, fresh_checkpoint, hf_config, make_checkpoint,
+                      random_images, rewrite_official)
 from paligemma import PaliGemma
 from processor import Processor
 
@@ -19,23 +19,27 @@ def window_checkpoint(workdir, tokenizer_model, sp_size):
 
 
 def test_sliding_window_is_exercised(window_checkpoint):
-    """The parity test's sequences are longer than the window, so the window really masks something."""
-    model, processor = PaliGemma.from_pretrained(window_checkpoint), Processor.from_pretrained(window_checkpoint)
+    """The parity test's sequences are longer than the window, so the window really masks
+    something."""
+    model = PaliGemma.from_pretrained(window_checkpoint)
+    processor = Processor.from_pretrained(window_checkpoint)
     batch = processor(random_images(3), PREFIXES, SUFFIXES)
-    mask, sliding = model.attention_masks(batch["attention_mask"].bool(), batch["token_type_ids"].cumsum(-1))
+    mask, sliding = model.attention_masks(batch["attention_mask"].bool(),
+                                          batch["token_type_ids"].cumsum(-1))
     assert batch["input_ids"].shape[1] > model.config.text_config.sliding_window
     assert (mask & ~sliding).any() and not (sliding & ~mask).any()
     assert [layer.sliding for layer in model.language_model.layers] == [True, False, True, False]
 
 
 def test_real_widths(workdir, tokenizer_model, sp_size):
-    """paligemma2-3b-pt-224's real shapes (hidden 2304, 8 heads, 4 kv heads, MLP 9216, vocab 257216), 2 layers."""
+    """paligemma2-3b-pt-224's real shapes (hidden 2304, 8 heads, 4 kv heads, MLP 9216, vocab
+    257216), 2 layers."""
     config = hf_config(
         sp_size,
-        text=dict(model_type="gemma2", hidden_size=2304, intermediate_size=9216, num_hidden_layers=2,
-                  num_attention_heads=8, num_key_value_heads=4, head_dim=256),
-        vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=1, num_attention_heads=16,
-                    image_size=224),
+        text=dict(model_type="gemma2", hidden_size=2304, intermediate_size=9216,
+                  num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4, head_dim=256),
+        vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=1,
+                    num_attention_heads=16, image_size=224),
         vocab_size=257216)
     folder = make_checkpoint(workdir / "real-widths-2", tokenizer_model, config)
     compare(folder, PREFIXES[1:3], SUFFIXES[1:3], label="PaliGemma 2 real widths")
@@ -44,7 +48,8 @@ def test_real_widths(workdir, tokenizer_model, sp_size):
 def test_official_layout_loads(window_checkpoint, tmp_path):
     official = rewrite_official(window_checkpoint, tmp_path / "official", shards=2)
     batch = Processor.from_pretrained(official)(random_images(2), PREFIXES[:2])
-    inputs = {k: batch[k] for k in ("input_ids", "pixel_values", "attention_mask", "token_type_ids")}
+    inputs = {k: batch[k] for k in ("input_ids", "pixel_values", "attention_mask",
+                                    "token_type_ids")}
     with torch.no_grad():
         assert torch.equal(PaliGemma.from_pretrained(official)(**inputs),
                            PaliGemma.from_pretrained(window_checkpoint)(**inputs))
@@ -64,6 +69,7 @@ def test_no_final_softcap(run_train, window_checkpoint, tmp_path):
     model = PaliGemma.from_pretrained(window_checkpoint)
     assert model.config.text_config.final_logit_softcapping == 30.0
     out = run_train(tmp_path / "o", "--steps", "1", "--no-final-softcap", model=window_checkpoint)
-    assert json.loads((out / "config.json").read_text())["text_config"]["final_logit_softcapping"] is None
+    config = json.loads((out / "config.json").read_text())
+    assert config["text_config"]["final_logit_softcapping"] is None
     assert PaliGemma.from_pretrained(out).config.text_config.final_logit_softcapping is None
     compare(out, PREFIXES, SUFFIXES, label="no final softcap")  # transformers reads the same config

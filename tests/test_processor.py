@@ -1,5 +1,5 @@
-"""Our Processor gives the same model inputs as transformers' PaliGemmaProcessor on the same tokenizer; images
-and prompts it cannot take are named."""
+"""Our Processor gives the same model inputs as transformers' PaliGemmaProcessor on the same
+tokenizer; images and prompts it cannot take are named."""
 
 import json
 import shutil
@@ -16,7 +16,8 @@ from processor import Processor, Tokenizer, load_image
 
 PREFIXES = ["caption en", "answer en how many circles are there?", "detect circle ; square", "ocr"]
 SUFFIXES = ["a red circle on grey", "2",
-            "<loc0010><loc0020><loc0300><loc1023> circle ; <loc0000><loc0001><loc0002><loc0003> square", "Where is 42?"]
+            "<loc0010><loc0020><loc0300><loc1023> circle ; <loc0000><loc0001><loc0002><loc0003> "
+            "square", "Where is 42?"]
 
 
 def odd_images() -> list[Image.Image]:
@@ -32,9 +33,10 @@ def odd_images() -> list[Image.Image]:
 def test_matches_transformers(checkpoint, with_suffix):
     suffixes = SUFFIXES if with_suffix else None
     ours = Processor.from_pretrained(checkpoint)(odd_images(), PREFIXES, suffixes)
-    theirs = hf_processor(checkpoint)(images=odd_images(), text=PREFIXES, suffix=suffixes, padding="longest",
-                                      return_tensors="pt")
-    for key in ("input_ids", "attention_mask", "token_type_ids") + (("labels",) if with_suffix else ()):
+    theirs = hf_processor(checkpoint)(images=odd_images(), text=PREFIXES, suffix=suffixes,
+                                      padding="longest", return_tensors="pt")
+    for key in ("input_ids", "attention_mask",
+                "token_type_ids") + (("labels",) if with_suffix else ()):
         assert torch.equal(ours[key], theirs[key]), key
     assert ours["pixel_values"].shape == theirs["pixel_values"].shape
     diff = (ours["pixel_values"] - theirs["pixel_values"]).abs().max().item()
@@ -45,9 +47,11 @@ def test_matches_transformers(checkpoint, with_suffix):
 def test_layout(mqa_checkpoint):
     processor = Processor.from_pretrained(mqa_checkpoint)
     tok, n = processor.tokenizer, processor.num_image_tokens
-    batch = processor(odd_images()[:2], ["caption en", "answer en how many circles are there?"], ["a", "2"])
+    batch = processor(odd_images()[:2], ["caption en", "answer en how many circles are there?"],
+                      ["a", "2"])
     row = batch["input_ids"][1].tolist()  # the longer prompt: no padding
-    expected = [tok.image_token_id] * n + [tok.bos_id] + tok.encode("answer en how many circles are there?\n") \
+    expected = [tok.image_token_id] * n + [tok.bos_id] + tok.encode("answer en how many circles "
+                                                                    "are there?\n") \
         + tok.encode("2") + [tok.eos_id]
     assert row == expected
     n_prefix = len(row) - len(tok.encode("2")) - 1
@@ -63,14 +67,16 @@ def test_tokenizer_special_tokens(mqa_checkpoint):
     ids = tok.encode(text)
     assert tok.sp.piece_to_id("<loc1023>") in ids
     assert len([i for i in ids if tok.SPECIAL.fullmatch(tok.sp.id_to_piece(i))]) == 5
-    assert tok.decode([tok.bos_id] + ids + [tok.eos_id, tok.image_token_id, tok.sp.get_piece_size() + 7]) == text
+    assert tok.decode([tok.bos_id] + ids + [tok.eos_id, tok.image_token_id,
+                                            tok.sp.get_piece_size() + 7]) == text
 
 
 def test_tokenizer_without_loc_tokens_is_refused(tmp_path):
     import sentencepiece as spm
 
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(["plain text only"] * 10), model_prefix=str(tmp_path / "p"),
-                                   vocab_size=30, hard_vocab_limit=False, minloglevel=2)
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(["plain text only"] * 10),
+                                   model_prefix=str(tmp_path / "p"), vocab_size=30,
+                                   hard_vocab_limit=False, minloglevel=2)
     with pytest.raises(ValueError, match="no <loc0000> piece"):
         Tokenizer(tmp_path / "p.model", image_token_id=30)
 
@@ -82,21 +88,24 @@ def test_mismatched_lengths(mqa_checkpoint):
 
 def test_processor_wants_pil_images(mqa_checkpoint):
     processor = Processor.from_pretrained(mqa_checkpoint)
-    for thing, expected in ((None, "got NoneType"), ("cat.jpg", "got str: open files with processor.load_image"),
+    for thing, expected in ((None, "got NoneType"), ("cat.jpg", "got str: open files with "
+                                                     "processor.load_image"),
                             (np.zeros((8, 8, 3), np.uint8), "got ndarray")):
         with pytest.raises(TypeError, match=f"expected a PIL image, {expected}"):
             processor([thing], ["caption en"])
 
 
 def test_high_bit_depth_images_keep_their_contrast(mqa_checkpoint):
-    """I;16, I and F images: scaled by their range, not clipped to white or black as PIL converts them."""
+    """I;16, I and F images: scaled by their range, not clipped to white or black as PIL converts
+    them."""
     processor = Processor.from_pretrained(mqa_checkpoint)
     ramp = np.linspace(0, 1, 28 * 28).reshape(28, 28)
     for image in (Image.fromarray((ramp * 65535).astype(np.uint16)),  # I;16
                   Image.fromarray((ramp * 1e6 - 5e5).astype(np.int32)),  # I, negative values too
                   Image.fromarray(ramp.astype(np.float32))):  # F in [0, 1]
         pixels = processor.preprocess_image(image)
-        expected = processor.preprocess_image(Image.fromarray((ramp * 255).round().astype(np.uint8)))
+        eight_bits = Image.fromarray((ramp * 255).round().astype(np.uint8))
+        expected = processor.preprocess_image(eight_bits)
         assert (pixels - expected).abs().max() <= 2 / 255 + 1e-6, image.mode
 
 
@@ -105,20 +114,23 @@ def test_only_real_loc_and_seg_tokens_are_special(mqa_checkpoint):
     unk = tok.sp.unk_id()
     for text in ("<loc1024>", "<loc9999>", "<seg128>", "<seg999>"):
         assert unk not in tok.encode(text) and tok.decode(tok.encode(text)) == text, text
-    assert tok.encode("<loc1023><seg127>") == [tok.sp.piece_to_id("<loc1023>"), tok.sp.piece_to_id("<seg127>")]
+    assert tok.encode("<loc1023><seg127>") == [tok.sp.piece_to_id("<loc1023>"),
+                                               tok.sp.piece_to_id("<seg127>")]
 
 
 def test_load_image_names_the_problem(tmp_path):
     (tmp_path / "empty.jpg").write_bytes(b"")
     (tmp_path / "text.jpg").write_text("not an image")
-    for path, expected in ((tmp_path / "nope.jpg", "no such image file"), (tmp_path, "is a directory"),
-                           (tmp_path / "empty.jpg", "is an empty file"), (tmp_path / "text.jpg", "cannot be decoded")):
+    for path, expected in (
+        (tmp_path / "nope.jpg", "no such image file"), (tmp_path, "is a directory"),
+        (tmp_path / "empty.jpg", "is an empty file"), (tmp_path / "text.jpg", "cannot be decoded")):
         with pytest.raises(ValueError, match=expected):
             load_image(path)
 
 
 def rotated_jpeg(path: Path) -> Path:
-    """A 40 x 20 JPEG, red on its left half, tagged with EXIF orientation 6: viewers show it 20 x 40."""
+    """A 40 x 20 JPEG, red on its left half, tagged with EXIF orientation 6: viewers show it 20 x
+    40."""
     pixels = np.zeros((20, 40, 3), np.uint8)
     pixels[:, :20] = (255, 0, 0)
     exif = Image.Exif()
@@ -152,7 +164,8 @@ def test_python_api_messages(mqa_checkpoint):
     processor = Processor.from_pretrained(mqa_checkpoint)
     with pytest.raises(ValueError, match="no examples"):
         processor([], [])
-    with pytest.raises(TypeError, match="prefixes must be a list of strings, one per image, not a string"):
+    with pytest.raises(TypeError,
+                       match="prefixes must be a list of strings, one per image, not a string"):
         processor(random_images(1), "caption en")
     with pytest.raises(FileNotFoundError, match="is a file, not a checkpoint folder"):
         PaliGemma.from_pretrained(mqa_checkpoint / "config.json")
