@@ -201,8 +201,8 @@ def test_resume_checks(trained, data, tmp_path, capsys):
 
 
 def test_resume_with_changed_options(trained, data, tmp_path, capsys):
-    """Each option is applied and said, or refused naming both values (README: What the tools
-    promise)."""
+    """Each option is applied and said, or refused naming both values (docs/fine-tuning.md: What
+    the tools promise)."""
     def resume(name, *extra):
         out = shutil.copytree(trained, tmp_path / name)
         train.main([str(a) for a in train_args(data, "unused/hub-id", out, "--steps", "3",

@@ -131,8 +131,9 @@ def test_parse_detections():
 
 
 def test_compiled_decode_step_compiles_once(mqa_checkpoint):
-    """`model.decode_step = torch.compile(model.decode_step)` (README): same tokens, and every step
-    of a generate call, and a second call with the same shapes, reuse one compiled graph."""
+    """`model.decode_step = torch.compile(model.decode_step)` (docs/performance.md): same tokens,
+    and every step of a generate call, and a second call with the same shapes, reuse one compiled
+    graph."""
     model = PaliGemma.from_pretrained(mqa_checkpoint)
     processor = Processor.from_pretrained(mqa_checkpoint)
     batch = processor(random_images(3), PREFIXES)

@@ -112,8 +112,8 @@ def test_quick_start_end_to_end(tmp_path):
 
 
 def test_detection_quick_start(tmp_path):
-    """The README's detection quick start, shortened: stars, which the tiny model was never asked to
-    detect."""
+    """docs/quickstarts.md's detection quick start, shortened: stars, which the tiny model was never
+    asked to detect."""
     data = tmp_path / "star"
     shapes.main(["--out", str(data), "--shapes", "circle,square,triangle,star", "--tasks", "detect",
                  "--detect", "star", "--train", "32", "--valid", "8"])
