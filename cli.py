@@ -128,6 +128,18 @@ def add_quantize_option(p: argparse.ArgumentParser, formats: list[str], help: st
     p.add_argument("--quantize", choices=formats, default=None, help=help)
 
 
+def add_model_options(p: argparse.ArgumentParser, formats: list[str]):
+    """A fine-tuned model to answer with (infer.py, evaluate.py): --model, --adapter, --quantize."""
+    p.add_argument("--model", default="google/paligemma-3b-pt-224",
+                   help="checkpoint folder or hub id; a folder holding a LoRA adapter loads its "
+                   "base and applies it")
+    p.add_argument("--adapter", default=None,
+                   help="a LoRA adapter folder (PEFT's format) to apply to --model")
+    add_quantize_option(p, formats, "int8 or int4: the decoder's weights in 8 or 4 bits, for "
+                        "faster decoding (quantize.py); nf4: a QLoRA run's base as it was "
+                        "trained, dequantized once")
+
+
 def use_own_image_limit():
     """In a tool's process, PIL's own guard against decompression bombs (a warning at
     Image.MAX_IMAGE_PIXELS, an error at twice it) gives way to processor.load_image's, which reads

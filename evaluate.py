@@ -34,7 +34,7 @@ from PIL import Image
 import metrics
 from answers import answer_batch, load_model
 from cli import (DefaultsFormatter, UserError, add_answer_options, add_device_options,
-                 add_image_limit, add_quantize_option, add_vae_option, device_and_dtype, fail,
+                 add_image_limit, add_model_options, add_vae_option, device_and_dtype, fail,
                  number, use_own_image_limit)
 from data import read_jsonl
 from detections import parse_detections, prompt_names, prompt_task
@@ -219,11 +219,7 @@ def page(args, summary: dict, shown: list[tuple[dict, str]], stopped: bool) -> s
 def options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=DefaultsFormatter)
-    p.add_argument("--model", default="google/paligemma-3b-pt-224",
-                   help="checkpoint folder or hub id; a folder holding a LoRA adapter loads its "
-                   "base and applies it")
-    p.add_argument("--adapter", default=None, help="a LoRA adapter folder (PEFT's format) to apply "
-                   "to --model")
+    add_model_options(p, list(FORMATS))
     p.add_argument("--data", type=Path, required=True, help="the JSONL file to score")
     p.add_argument("--out", type=Path, required=True, help="folder for predictions.jsonl, "
                    "scores.json, index.html")
@@ -235,9 +231,7 @@ def options() -> argparse.ArgumentParser:
                    "stopping")
     add_answer_options(p)
     add_vae_option(p)
-    add_quantize_option(p, list(FORMATS), "int8 or int4: the decoder's weights in 8 or 4 bits, for "
-                        "faster decoding (quantize.py); nf4: a QLoRA run's base "
-                        "as it was trained, dequantized once")
+
     add_device_options(p)
     add_image_limit(p)
     return p

@@ -24,7 +24,7 @@ from PIL import Image
 
 from answers import load_model
 from cli import (DefaultsFormatter, UserError, add_answer_options, add_device_options,
-                 add_image_limit, add_quantize_option, add_vae_option, device_and_dtype, fail,
+                 add_image_limit, add_model_options, add_vae_option, device_and_dtype, fail,
                  number, use_own_image_limit)
 from detections import SEG, AnswerConstraint, AnswerTokens, parse_detections
 from drawing import draw_detections
@@ -74,11 +74,7 @@ def save_image(image: Image.Image, path: Path):
 def options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=DefaultsFormatter)
-    p.add_argument("--model", default="google/paligemma-3b-pt-224",
-                   help="checkpoint folder or hub id; a folder holding a LoRA adapter loads its "
-                   "base and applies it")
-    p.add_argument("--adapter", default=None, help="a LoRA adapter folder (PEFT's format) to apply "
-                   "to --model")
+    add_model_options(p, list(FORMATS))
     p.add_argument("--image", action="append", required=True, help="an image file; repeat for "
                    "several")
     p.add_argument("--prompt", action="append", required=True, help="e.g. 'caption en'; one for "
@@ -90,9 +86,7 @@ def options() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     add_answer_options(p)
     add_device_options(p)
-    add_quantize_option(p, list(FORMATS), "int8 or int4: the decoder's weights in 8 or 4 bits, for "
-                        "faster decoding (quantize.py); nf4: a QLoRA run's base "
-                        "as it was trained, dequantized once")
+
     p.add_argument("--out", default=None, help="image file to draw the boxes and masks of the "
                    "answer on (with several images, _0, _1, ... are added)")
     p.add_argument("--overwrite", action="store_true", help="replace an --out image that exists")

@@ -68,19 +68,17 @@ class Int4Linear(nn.Module):
         self.group_size = group_size_for(in_features)
         # The packed codes take the layout of the kernel of the device they run on (`runs_on`): made
         # there (`state`), never saved in a checkpoint.
-        packed = (dict(size=(out_features, in_features // 2),
-                       dtype=torch.uint8) if runs_on.startswith("cpu") else
-                  dict(size=(out_features // 8, in_features // (INNER_K_TILES * 16), 32,
-                             INNER_K_TILES // 2),
-                       dtype=torch.int32))
-        self.register_buffer("packed", torch.empty(**packed, device=device), persistent=persistent)
-        self.register_buffer("scales_and_zeros", torch.empty(in_features // (self.group_size or 1),
-                                                             out_features, 2, dtype=torch.bfloat16,
-                                                             device=device),
-                             persistent=persistent)
-        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device),
-                                 requires_grad=False) \
-            if bias else None
+        if runs_on.startswith("cpu"):
+            packed = torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device)
+        else:
+            packed = torch.empty(out_features // 8, in_features // (INNER_K_TILES * 16), 32,
+                                 INNER_K_TILES // 2, dtype=torch.int32, device=device)
+        self.register_buffer("packed", packed, persistent=persistent)
+        groups = in_features // (self.group_size or 1)
+        scales_and_zeros = torch.empty(groups, out_features, 2, dtype=torch.bfloat16, device=device)
+        self.register_buffer("scales_and_zeros", scales_and_zeros, persistent=persistent)
+        self.bias = None if not bias else nn.Parameter(
+            torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
 
     @staticmethod
     def fits(in_features: int, out_features: int) -> bool:

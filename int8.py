@@ -42,15 +42,14 @@ class Int8Linear(nn.Module):
                  device=None, persistent: bool = True):
         super().__init__()
         self.in_features, self.out_features, self.dtype = in_features, out_features, dtype
-        self.register_buffer(
-            "weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device),
-            persistent=persistent)
-        self.register_buffer("scales",
-                             torch.empty(out_features, dtype=torch.bfloat16, device=device),
-                             persistent=persistent)
-        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device),
-                                 requires_grad=False) \
-            if bias else None
+        weight = torch.empty(out_features, in_features, dtype=torch.int8, device=device)
+        self.register_buffer("weight", weight, persistent=persistent)
+        scales = torch.empty(out_features, dtype=torch.bfloat16, device=device)
+        self.register_buffer("scales", scales, persistent=persistent)
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device),
+                                     requires_grad=False)
 
     @staticmethod
     def fits(in_features: int, out_features: int) -> bool:
