@@ -2,6 +2,7 @@
 evaluate.py score.
 
     load_model     a checkpoint, or an adapter on its base, ready to answer
+    read_vae       --vae's VQ-VAE, which decodes segment answers' masks for scoring
     answer_batch   one batch of images and prompts -> their answers, each with how it ended
     evaluate       train.py's evaluation: the validation loss, and the answers scored by metrics.py
 
@@ -19,13 +20,15 @@ from pathlib import Path
 
 import torch
 
-from detections import AnswerConstraint, AnswerTokens
 import metrics
+from cli import UserError
+from detections import AnswerConstraint, AnswerTokens, prompt_task
 from lora import adapter_base, load_adapter
 from nf4 import dequantize_linears
 from paligemma import PaliGemma, SuffixLossSum, count_targets
 from processor import Processor, load_image
 from quantize import describe
+from vqvae import VQVAE
 
 
 def load_model(model: str, adapter: str | None, dtype, device, quantize: str | None = None
@@ -48,6 +51,20 @@ def load_model(model: str, adapter: str | None, dtype, device, quantize: str | N
     print(f"loaded {model}" + (f" with the adapter {adapter}" if adapter else "")
           + f" ({formats}; {device}) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return loaded, processor
+
+
+def read_vae(path: str | None, examples: list[dict]) -> VQVAE | None:
+    """--vae's VQ-VAE, or None (and a line on stderr when segment prompts will be scored without
+    their masks)."""
+    if path is None:
+        if any(prompt_task(e["prefix"]) == "segment" for e in examples):
+            print("the data has segment prompts: their masks are scored (miou, mask_iou) only "
+                  "with --vae", file=sys.stderr)
+        return None
+    try:
+        return VQVAE.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--vae: {e}") from None
 
 
 @dataclass

@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 
 import metrics
-from answers import answer_batch, load_model
+from answers import answer_batch, load_model, read_vae
 from cli import (DefaultsFormatter, UserError, add_answer_options, add_device_options,
                  add_image_limit, add_model_options, add_vae_option, device_and_dtype, fail,
                  number, use_own_image_limit)
@@ -122,8 +122,8 @@ def table(summary: dict[str, dict]) -> str:
             if isinstance(value, dict):
                 lines += [f"  {name} {label:<22} {v:8.4f}" for label, v in value.items()]
             elif name != "examples":
-                lines.append(f"  {name:<32} {value:8.4f}" if isinstance(value, float) else "  "
-                             f"{name:<32} {value:8}")
+                shown = f"{value:8.4f}" if isinstance(value, float) else f"{value:8}"
+                lines.append(f"  {name:<32} {shown}")
     return "\n".join(lines) or "no examples answered"
 
 
@@ -140,8 +140,8 @@ def write_results(args, examples: list[dict], rows: list[metrics.Row], summary: 
     for old in (out / "images").glob("[0-9][0-9][0-9][0-9][0-9][0-9].jpg"):
         old.unlink()
     predictions = [dict(line=e["line"], image=str(e["image"]), prefix=r.prefix, answer=r.answer,
-                        references=r.references, scores=own) for e, r, own in zip(examples, rows,
-                                                                                  each)]
+                        references=r.references, scores=own)
+                   for e, r, own in zip(examples, rows, each)]
     write_jsonl(out / "predictions.jsonl", predictions)
     write_json(out / "scores.json", dict(
         scores=summary, model=args.model, adapter=args.adapter, data=str(args.data),
@@ -205,10 +205,10 @@ def page(args, summary: dict, shown: list[tuple[dict, str]], stopped: bool) -> s
     for p, src in shown:
         scores = ", ".join(f"{k} {v:.3f}" for k, v in p["scores"].items())
         refs = "".join(f"<pre>reference: {e(r)}</pre>" for r in p["references"][:10])
-        body.append(f"<div class=ex><img src='{src}' loading=lazy><div><p class=s>line "
-                    f"{p['line']}: {e(p['image'])}</p><pre>prompt: "
-                    f"{e(p['prefix'])}</pre><pre>answer: {e(p['answer'])}</pre>{refs}<p "
-                    f"class=s>{e(scores)}</p></div></div>")
+        body.append(f"<div class=ex><img src='{src}' loading=lazy><div>"
+                    f"<p class=s>line {p['line']}: {e(p['image'])}</p>"
+                    f"<pre>prompt: {e(p['prefix'])}</pre><pre>answer: {e(p['answer'])}</pre>"
+                    f"{refs}<p class=s>{e(scores)}</p></div></div>")
     return "\n".join(head + body) + "\n"
 
 
@@ -231,7 +231,6 @@ def options() -> argparse.ArgumentParser:
                    "stopping")
     add_answer_options(p)
     add_vae_option(p)
-
     add_device_options(p)
     add_image_limit(p)
     return p
@@ -249,23 +248,6 @@ def check_out(out: Path, overwrite: bool):
     if held and not overwrite:
         raise UserError(f"--out {out} holds the results of an evaluation ({', '.join(held)}): "
                         "replace them with --overwrite, or choose another --out")
-
-
-def read_vae(path: str | None, examples: list[dict]):
-    """--vae's VQ-VAE, which scores and draws masks; without it segment answers get their boxes
-    scored."""
-    from vqvae import VQVAE
-
-    if path is None:
-        if any(prompt_task(e["prefix"]) == "segment" for e in examples):
-            print("the data has segment prompts: their masks are scored (miou, mask_iou) only with "
-                  "--vae",
-                  file=sys.stderr)
-        return None
-    try:
-        return VQVAE.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise UserError(f"--vae: {e}") from None
 
 
 if __name__ == "__main__":

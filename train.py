@@ -41,7 +41,7 @@ import torch.distributed as dist
 from torch import nn
 
 import lora
-from answers import evaluate as answer_and_score
+from answers import evaluate as answer_and_score, read_vae
 from checkpoint import (check_out_folder, check_resume, load_optimizer_state, lock_out_folder,
                         prepare_out_folder, read_train_state, save_checkpoint, save_merged,
                         starting_point)
@@ -287,18 +287,6 @@ def count_steps(args, n_examples: int, world: int) -> int:
         raise UserError(f"{n_examples} training examples are fewer than one step's batch of "
                         f"{per_step}")
     return args.steps or max(1, int(args.epochs * n_examples // per_step))
-
-
-def read_vae(path: str | None, val_set: list[dict]) -> VQVAE | None:
-    """--vae's VQ-VAE, or None (and one line when segment prompts will be scored without their
-    masks)."""
-    if path is None and any(e["prefix"].startswith("segment") for e in val_set):
-        log("the validation data has segment prompts: their masks are scored (mask IoU) only with "
-            "--vae")
-    try:
-        return VQVAE.from_pretrained(path) if path else None
-    except (OSError, ValueError) as e:
-        raise UserError(f"--vae: {e}") from None
 
 
 def build_model(args, run: Run, source: Path
