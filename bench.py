@@ -68,8 +68,8 @@ def make_checkpoint(folder: Path, preset: str, dtype: torch.dtype) -> transforme
         vision_config=dict(vision_use_head=False, **vision), image_token_index=vocab - 64,
         projection_dim=text["hidden_size"], hidden_size=text["hidden_size"], vocab_size=vocab)
     torch.manual_seed(0)  # built in `dtype` (the whole model in float32 would be 12 GB)
-    transformers.PaliGemmaForConditionalGeneration._from_config(config,
-                                                                dtype=dtype).save_pretrained(folder)
+    model = transformers.PaliGemmaForConditionalGeneration._from_config(config, dtype=dtype)
+    model.save_pretrained(folder)
     return config
 
 
@@ -413,9 +413,8 @@ def full_training_table(folder: Path, device, dtype, batch_size: int):
     for name, (mode, quantize) in TRAINING.items():
         for checkpointing in (False, True):
             (m1, s1), (m2, s2) = (in_fresh_process(train_memory, side, folder, dtype, device,
-                                                   batch_size, mode, quantize,
-                                                   checkpointing) for side in ("ours",
-                                                                               "transformers"))
+                                                   batch_size, mode, quantize, checkpointing)
+                                  for side in ("ours", "transformers"))
             label = name + (", --grad-checkpointing" if checkpointing else "")
             print(f"{label:52} {m1:8.2f} {m2:8.2f} {m1 / m2:6.2f}x {s1:8.1f} {s2:9.1f} "
                   f"{s1 / s2:6.2f}x", flush=True)
@@ -577,14 +576,14 @@ def gpu_check(args):
                   "ours int4": load_format("ours int4", folder, device),
                   "transformers bfloat16": load("transformers", folder, dtype, device)}
         for name in ("ours bfloat16, compiled", "ours int8, compiled"):
-            models[name].decode_step = torch.compile(models[name].decode_step,
-                                                     mode="reduce-overhead")
+            step = models[name].decode_step
+            models[name].decode_step = torch.compile(step, mode="reduce-overhead")
         side = {name: name.split()[0] for name in models}
         side["transformers, compiled"] = "transformers"
         models["transformers, compiled"] = models["transformers bfloat16"]
         batch = make_batch(config, 1, 0, device)
-        fns = {(name, n): lambda name=name, n=n: generate(side[name], models[name], batch, n,
-                                                          "compiled" in name)
+        fns = {(name, n): lambda name=name, n=n: generate(
+                   side[name], models[name], batch, n, "compiled" in name)
                for name in models for n in (1, NEW_TOKENS)}
         t = alternate(fns, args.repeat, device)
         print(f"\ndecoding steps at batch 1, tokens/s (medians of {args.repeat}):")
@@ -682,11 +681,11 @@ def main():
         # decoding 3B on a few CPU cores would take hours
         if preset == "full" and device.type == "cpu":
             return full_training_table(folder, device, dtype, args.train_batch)
-        rows, decode, generated, bandwidth = decoding_rows(folder, config, device, dtype,
-                                                           args.repeat, args.compile)
+        rows, decode, generated, bandwidth = decoding_rows(
+            folder, config, device, dtype, args.repeat, args.compile)
         modes = list(TRAINING)[:3] if preset != "full" else ["attention-only", "LoRA r=8 q/k/v/o"]
-        train_rows, n_trainable, seconds = training_rows(folder, config, device, dtype, args.repeat,
-                                                         modes)
+        train_rows, n_trainable, seconds = training_rows(
+            folder, config, device, dtype, args.repeat, modes)
         print(f"\nmedians of {args.repeat}" + (", compiled" if args.compile else ""))
         print(f"{'':54} {'ours':>12} {'transformers':>13} {'ours/theirs':>12}")
         for what, ours, theirs in rows + train_rows:

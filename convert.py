@@ -172,8 +172,7 @@ def vqav2(questions_path: Path, annotations_path: Path, images: Path,
                                  answers=[str(x["answer"]) for x in a["answers"]]))
     except (KeyError, TypeError, AttributeError) as e:
         raise UserError(f"{questions_path}, {annotations_path}: not VQAv2's questions and "
-                        "annotations files "
-                        f"({type(e).__name__}: {e})") from None
+                        f"annotations files ({type(e).__name__}: {e})") from None
     return examples, bad.counts
 
 
@@ -321,9 +320,9 @@ class Coco:
                 raise UserError(f"{path}: category {c_id} is named {name!r}: {why}")
         seen = set()
         for n, image in enumerate(self.images):
-            if not isinstance(image, dict) or not all(isinstance(image.get(k), int) and image[k] > 0
-                                                      for k in ("width",
-                                                                "height")) or "id" not in image:
+            sized = isinstance(image, dict) and all(
+                isinstance(image.get(k), int) and image[k] > 0 for k in ("width", "height"))
+            if not sized or "id" not in image:
                 raise UserError(f"{path}: images[{n}] has no id, or no width and height of whole "
                                 "pixels")
             if image["id"] in seen:

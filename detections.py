@@ -56,8 +56,8 @@ def paste_mask(logits: np.ndarray, box, width: int, height: int) -> np.ndarray:
     x1, y1, x2, y2 = (int(v) for v in box)
     mask = np.zeros((height, width), dtype=bool)
     if x2 > x1 and y2 > y1:
-        mask[y1:y2, x1:x2] = np.asarray(Image.fromarray(logits).resize((x2 - x1, y2 - y1),
-                                                                       Image.BILINEAR)) > 0
+        resized = Image.fromarray(logits).resize((x2 - x1, y2 - y1), Image.BILINEAR)
+        mask[y1:y2, x1:x2] = np.asarray(resized) > 0
     return mask
 
 
@@ -78,8 +78,8 @@ def parse_detections(text: str, width: int, height: int, vae=None) -> list[Detec
                           codes if len(codes) == 16 else None))
     with_codes = [codes for _, _, codes in found if codes]
     logits = iter(decode_masks(vae, with_codes) if vae is not None and with_codes else [])
-    return [Detection(box, label, codes, paste_mask(next(logits), box, width,
-                                                    height) if vae is not None and codes
+    return [Detection(box, label, codes,
+                      paste_mask(next(logits), box, width, height) if vae is not None and codes
                       else None) for box, label, codes in found]
 
 
@@ -276,8 +276,10 @@ class AnswerGrammar:
         elif self.phase == "loc":
             self.box.append(self.tokens.loc_value[token])
             if len(self.box) == 4:
-                self.phase, self.left, self.node = ("seg", self.segs,
-                                                    None) if self.segs else ("label", 0, self.trie)
+                if self.segs:
+                    self.phase, self.left, self.node = "seg", self.segs, None
+                else:
+                    self.phase, self.left, self.node = "label", 0, self.trie
         elif self.phase == "seg":
             self.left -= 1
             if self.left == 0:

@@ -122,9 +122,9 @@ def main(argv=None):
         fail(f"{len(args.prompt)} prompts for {len(args.image)} images: give one prompt, or one "
              "per image")
     prompts = args.prompt * len(args.image) if len(args.prompt) == 1 else args.prompt
-    if why := next(
-        (f"--prompt {p!r}: {problem}" for p in prompts if (problem := prompt_problem(p))), None):
-        fail(why)
+    for prompt in prompts:
+        if problem := prompt_problem(prompt):
+            fail(f"--prompt {prompt!r}: {problem}")
     out_paths = output_paths(args.out, args.image, args.overwrite) if args.out else []
     if args.vae and not Path(args.vae).is_file():
         fail(f"--vae {args.vae}: no such file (a VQ-VAE npz such as vae-oid.npz)")
@@ -158,8 +158,7 @@ def main(argv=None):
     for name, row in zip(args.image, grammar.rows if grammar else []):
         if row is not None and row.cut is not None:
             print(f"{name}: the answer repeated an object (IoU >= {args.repeat_iou}); it ends "
-                  "before it",
-                  file=sys.stderr)
+                  "before it", file=sys.stderr)
     for answer in answers:
         print(" ".join(answer.splitlines()))
     if out_paths:

@@ -94,11 +94,9 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
-        if x.device.type == "cpu":
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group_size,
-                                                           self.scales_and_zeros)
-        else:
-            y = torch.ops.aten._weight_int4pack_mm(flat, self.packed, self.group_size,
-                                                   self.scales_and_zeros)
+        ops = torch.ops.aten
+        cpu = x.device.type == "cpu"
+        kernel = ops._weight_int4pack_mm_for_cpu if cpu else ops._weight_int4pack_mm
+        y = kernel(flat, self.packed, self.group_size, self.scales_and_zeros)
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias

@@ -133,8 +133,8 @@ class NF4Linear(nn.Module):
         out = torch.empty(n, dtype=self.dtype, device=self.weight.device)
         for start in range(0, n, CHUNK):  # CHUNK is a multiple of the block: a chunk starts a block
             end = min(n, start + CHUNK)
-            values = levels.index_select(0, self.weight[start // 2:(end + 1) // 2,
-                                                        0].int()).flatten()[:end - start]
+            codes = self.weight[start // 2:(end + 1) // 2, 0].int()  # two 4-bit codes a byte
+            values = levels.index_select(0, codes).flatten()[:end - start]
             if (end - start) % BLOCK == 0:
                 values.view(-1, BLOCK).mul_(absmax[start // BLOCK:end // BLOCK, None])
             else:  # the last block is partial

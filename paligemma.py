@@ -196,8 +196,8 @@ class PaliGemma(nn.Module):
                 token_type_ids=None) -> torch.Tensor:
         """input_ids (B, T), pixel_values (B, 3, H, W), attention_mask and token_type_ids (B, T) ->
         logits (B, T, V)."""
-        return self.language_model.logits(self.hidden_states(input_ids, pixel_values,
-                                                             attention_mask, token_type_ids))
+        h = self.hidden_states(input_ids, pixel_values, attention_mask, token_type_ids)
+        return self.language_model.logits(h)
 
     @torch.inference_mode()
     def generate(self, input_ids, pixel_values, attention_mask=None, max_new_tokens: int = 64,

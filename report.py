@@ -96,8 +96,8 @@ def read_metrics(path: Path) -> list[dict]:
             log(f"{path}:{n}: its last line was cut short (a kill or a full disk while writing "
                 "it); dropped")
             continue
-        if not isinstance(entry, dict) or not isinstance(entry.get("step"),
-                                                         int) or isinstance(entry["step"], bool):
+        step = entry.get("step") if isinstance(entry, dict) else None
+        if type(step) is not int:
             raise UserError(f"{path}:{n}: not a JSON object with a step; it is not a metrics file "
                             "written by train.py")
         entries.append(entry)

@@ -145,12 +145,12 @@ class VQVAE(nn.Module):
         wrong = [f"{name} {list(arrays[name].shape)} (expected {list(shape)})"
                  for name, shape in expected.items() if arrays[name].shape != shape]
         if unexpected or wrong:
+            found = [("unexpected arrays", unexpected), ("wrong shapes", wrong)]
             raise ValueError(f"{path} does not match the VQ-VAE's architecture: "
-                             + "; ".join(f"{what}: {', '.join(names)}" for what, names in
-                                         (("unexpected arrays", unexpected),
-                                          ("wrong shapes", wrong)) if names))
-        model.load_state_dict({name: torch.from_numpy(np.asarray(arrays[name],
-                                                                 np.float32)) for name in expected})
+                             + "; ".join(f"{what}: {', '.join(names)}" for what, names in found
+                                         if names))
+        model.load_state_dict({name: torch.from_numpy(np.asarray(arrays[name], np.float32))
+                               for name in expected})
         return model.eval()
 
     @classmethod
@@ -213,5 +213,5 @@ class VQVAE(nn.Module):
         """codes (B, 16) int64 (a tensor or an array) -> mask logits (B, 64, 64) float32: inside
         where > 0."""
         codes = torch.as_tensor(codes, dtype=torch.long)
-        return self.decoder_output(self._vq_vae._embedding[codes].view(len(codes), 4, 4,
-                                                                       -1).permute(0, 3, 1, 2))
+        rows = self._vq_vae._embedding[codes]  # (B, 16, D)
+        return self.decoder_output(rows.view(len(codes), 4, 4, -1).permute(0, 3, 1, 2))
