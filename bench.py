@@ -77,15 +77,15 @@ def make_batch(config, batch: int, suffix: int, device) -> dict[str, torch.Tenso
     """Image tokens, <bos>, a prompt of random tokens and "\\n"; with a suffix, its token types and
     labels."""
     g = torch.Generator().manual_seed(batch)
-    n_image = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
+    size = config.vision_config.image_size
+    n_image = (size // config.vision_config.patch_size) ** 2
     text = torch.randint(4, config.image_token_index, (batch, PROMPT + suffix), generator=g)
     text[:, 0] = 2
     ids = torch.cat([torch.full((batch, n_image), config.image_token_index), text], 1)
     types = torch.zeros_like(ids)
     types[:, ids.shape[1] - suffix:] = 1
     out = dict(input_ids=ids, attention_mask=torch.ones_like(ids), token_type_ids=types,
-               pixel_values=torch.rand(batch, 3, config.vision_config.image_size,
-                                       config.vision_config.image_size, generator=g) * 2 - 1)
+               pixel_values=torch.rand(batch, 3, size, size, generator=g) * 2 - 1)
     if suffix:
         out["labels"] = ids.masked_fill(types == 0, -100)
     return {k: v.to(device) for k, v in out.items()}
@@ -117,8 +117,8 @@ def load(side: str, folder: Path, dtype, device, quantize: str | None = None):
 
 def prefill(side, model, batch):
     """One forward pass over image + prompt; the next-token logits only, as generation needs."""
-    inputs = {k: batch[k] for k in ("input_ids", "pixel_values", "attention_mask",
-                                    "token_type_ids")}
+    names = ("input_ids", "pixel_values", "attention_mask", "token_type_ids")
+    inputs = {k: batch[k] for k in names}
     if side == "ours":
         return model.language_model.logits(model.hidden_states(**inputs)[:, -1])
     return model(**inputs, logits_to_keep=1).logits
@@ -131,8 +131,8 @@ def generate(side, model, batch, new_tokens, compiled=False):
     if side == "ours":
         return model.generate(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
                               max_new_tokens=new_tokens)
-    inputs = {k: batch[k] for k in ("input_ids", "pixel_values", "attention_mask",
-                                    "token_type_ids")}
+    names = ("input_ids", "pixel_values", "attention_mask", "token_type_ids")
+    inputs = {k: batch[k] for k in names}
     if compiled:
         compile_config = transformers.CompileConfig()
         compile_config._compile_all_devices = True  # generate compiles on GPUs only, unless told
@@ -192,8 +192,8 @@ def resident(device) -> tuple[float, float]:
         return (torch.cuda.memory_allocated(device) / 2**30,
                 torch.cuda.max_memory_allocated(device) / 2**30)
     status = Path("/proc/self/status").read_text()
-    return tuple(int(re.search(rf"{key}:\s+(\d+) kB",
-                               status).group(1)) / 2**20 for key in ("VmRSS", "VmHWM"))
+    return tuple(int(re.search(rf"{key}:\s+(\d+) kB", status).group(1)) / 2**20
+                 for key in ("VmRSS", "VmHWM"))
 
 
 def train_memory(side, folder, dtype, device, batch_size, mode, quantize=False,
@@ -476,8 +476,9 @@ def weight_bytes(model, side: str) -> int:
         return sum(t.nbytes for t in lm.layers.parameters()) + lm.embed_tokens.weight.nbytes
     lm = model.language_model
     head = lm.head if lm.head is not None else lm.embed_tokens
-    return sum(t.nbytes for t in [*lm.layers.parameters(), *lm.layers.buffers(), *head.parameters(),
-                                  *head.buffers()])
+    tensors = [*lm.layers.parameters(), *lm.layers.buffers(), *head.parameters(),
+               *head.buffers()]
+    return sum(t.nbytes for t in tensors)
 
 
 def decoding_formats(folder: Path, config, device, repeat: int):
@@ -486,8 +487,8 @@ def decoding_formats(folder: Path, config, device, repeat: int):
     float32."""
     models = {name: load_format(name, folder, device) for name in FORMATS}
     batch = make_batch(config, 4, 0, device)
-    inputs = {k: batch[k] for k in ("input_ids", "pixel_values", "attention_mask",
-                                    "token_type_ids")}
+    names = ("input_ids", "pixel_values", "attention_mask", "token_type_ids")
+    inputs = {k: batch[k] for k in names}
     reference = models["ours float32"](**inputs).float()
     print(f"\ndecoding steps, tokens/s (medians of {repeat}); share of each one's bandwidth limit "
           "at batch 1; ours' logits against ours in float32 (batch of 4 prompts)")

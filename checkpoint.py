@@ -224,8 +224,8 @@ def read_train_state(out: Path, device) -> tuple[dict, str]:
             raise UserError(f"--resume: {out / name} cannot be read ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:200]})")
         if state.get("step") == step:
-            if missing := [k for k in ("optimizer", "scaler", "options",
-                                       "processes") if k not in state]:
+            needed = ("optimizer", "scaler", "options", "processes")
+            if missing := [k for k in needed if k not in state]:
                 raise UserError(f"--resume: {out / name} has no {', '.join(missing)}: it was not "
                                 "written by this train.py")
             return state, name

@@ -63,8 +63,8 @@ def coco_detect(path: Path, images: Path, classes: str = "present", skip_bad: bo
         for a in annotations:
             if (box := coco.box(a, image)) is not None:
                 name = coco.names[a["category_id"]]
-                objects.append((box[1], box[0],
-                                f"{loc_tokens(box, image['width'], image['height'])} {name}"))
+                locs = loc_tokens(box, image["width"], image["height"])
+                objects.append((box[1], box[0], f"{locs} {name}"))
                 present.add(name)
         names = sorted(coco.names.values() if classes == "all" else present)
         if not names:

@@ -63,8 +63,8 @@ def parse_line(path: Path, line_no: int, raw: bytes) -> tuple[dict | None, str |
                and not (k == "suffix" and answers and "suffix" not in record)]
     if missing:
         return None, f"{where}: missing or not a string: {', '.join(missing)}"
-    texts = {k: record[k] for k in ("image", "prefix",
-                                    "suffix") if k in record} | dict(enumerate(answers or []))
+    texts = {k: record[k] for k in ("image", "prefix", "suffix") if k in record}
+    texts |= dict(enumerate(answers or []))
     for key, text in texts.items():
         try:
             text.encode("utf-8")

@@ -45,8 +45,8 @@ class Detection(NamedTuple):
 def decode_masks(vae, codes: list[tuple[int, ...]], chunk: int = 256) -> np.ndarray:
     """The VQ-VAE's 64x64 mask logits of each object's 16 codes, (n, 64, 64), decoded `chunk` at a
     time."""
-    return np.concatenate([np.asarray(vae.decode(np.array(codes[i:i + chunk]))) for i in range(
-        0, len(codes), chunk)])
+    return np.concatenate([np.asarray(vae.decode(np.array(codes[i:i + chunk])))
+                           for i in range(0, len(codes), chunk)])
 
 
 def paste_mask(logits: np.ndarray, box, width: int, height: int) -> np.ndarray:

@@ -82,8 +82,8 @@ def rope(positions: torch.Tensor, head_dim: int, theta: float,
 
     Both halves of a head share each angle; sin carries the rotation's sign, -sin on the first
     half."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device,
-                                            dtype=torch.float32) / head_dim)
+    even = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
+    inv_freq = 1.0 / theta ** (even / head_dim)  # (head_dim/2,)
     freqs = positions[:, None, :, None].float() * inv_freq  # (B, 1, T, head_dim/2)
     cos, sin = freqs.cos(), freqs.sin()
     return torch.cat([cos, cos], dim=-1).to(dtype), torch.cat([-sin, sin], dim=-1).to(dtype)
@@ -109,10 +109,9 @@ class KVCache:
     def __init__(self, cfg: GemmaConfig, batch_size: int, max_len: int, dtype: torch.dtype, device):
         self.max_len = max_len
         shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype,
-                              device=device) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype,
-                              device=device) for _ in range(cfg.num_hidden_layers)]
+        layers = range(cfg.num_hidden_layers)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
         # torch.compile(mode="reduce-overhead"): CUDA graphs may write them in place
         for t in self.k + self.v:
             torch._dynamo.mark_static_address(t)

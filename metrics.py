@@ -150,8 +150,8 @@ def _ptb_word(word: str) -> list[str]:
 def _ptb_abbreviation(word: str) -> bool:
     """Whether PTB keeps a word's final period: letters with periods (u.s., a.m., e.g.) or a known
     abbreviation (mr., etc.)."""
-    return bool(re.fullmatch(r"([a-z]\.)+|[a-z]+(\.[a-z]+)+\.",
-                             word)) or word[:-1] in PTB_ABBREVIATIONS
+    initials = re.fullmatch(r"([a-z]\.)+|[a-z]+(\.[a-z]+)+\.", word)
+    return bool(initials) or word[:-1] in PTB_ABBREVIATIONS
 
 
 def _ngrams(tokens: list[str], n: int = 4) -> Counter:
@@ -367,8 +367,9 @@ def relaxed_accuracy(answer: str, reference: str, tolerance: float = 0.05) -> fl
 
 def count_accuracy(answer: str, reference: str) -> float:
     """TallyQA's: exact, after number words (up to twenty, and "none") become digits."""
-    return float(COUNT_WORDS.get(answer.lower(),
-                                 answer) == COUNT_WORDS.get(reference.lower(), reference))
+    def digits(text):
+        return COUNT_WORDS.get(text.lower(), text)
+    return float(digits(answer) == digits(reference))
 
 
 def normalize_answer(text: str) -> str:

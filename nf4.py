@@ -108,8 +108,9 @@ class NF4Linear(nn.Module):
                                   ("quant_map", (16,), torch.float32),
                                   ("nested_quant_map", (256,), torch.float32)):
             self.register_buffer(name, torch.empty(shape, dtype=kind, device=device))
-        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype,
-                                             device=device)) if bias else None
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device))
 
     @staticmethod
     def fits(in_features: int, out_features: int) -> bool:

@@ -266,24 +266,24 @@ def cell(text: str) -> str:
 def model_card(base_model: str, adapter: bool, run: dict, scores: dict | None) -> str:
     """OUT/README.md. run: trainable, lora (rank, alpha, targets) or None, quantize, steps, batch,
     lr, data (file: examples), and for the load examples the folder's name."""
-    tags = ["paligemma", "nanopaligemma",
-            "image-text-to-text"] + (["lora", "peft"] if adapter else [])
+    tags = ["paligemma", "nanopaligemma", "image-text-to-text"]
+    tags += ["lora", "peft"] if adapter else []
     tags += ["qlora"] * bool(adapter and run["quantize"])
     hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", base_model) and not Path(base_model).exists()
     front = ({"base_model": base_model} if hub_id else {}) | {
         "library_name": "peft" if adapter else "transformers", "pipeline_tag": "image-text-to-text",
         "license": "gemma", "tags": tags}
     lines = ["---", *(f"{k}: {json.dumps(v)}" for k, v in front.items()), "---", "",
-             f"# {run['name']}", "", f"PaliGemma fine-tuned from `{base_model}` with "
-             "nanoPaliGemma's train.py.", "",
+             f"# {run['name']}", "",
+             f"PaliGemma fine-tuned from `{base_model}` with nanoPaliGemma's train.py.", "",
              "## What was trained", ""]
-    trained = {"lora": "LoRA adapters", "attn": "the decoder's attention (q/k/v/o)", "llm": "the "
-               "decoder",
-               "all": "the whole model"}[run["trainable"]]
-    lines += [f"- trainable: {trained}" + (f", rank {run['lora'][0]}, alpha {run['lora'][1]}, on "
-                                           f"{', '.join(run['lora'][2])}" if run["lora"] else ""),
-              "- frozen weights: "
-              f"{'in 4 bits (NF4, double quantization)' if run['quantize'] else 'as loaded'}",
+    trained = {"lora": "LoRA adapters", "attn": "the decoder's attention (q/k/v/o)",
+               "llm": "the decoder", "all": "the whole model"}[run["trainable"]]
+    if run["lora"]:
+        rank, alpha, targets = run["lora"]
+        trained += f", rank {rank}, alpha {alpha}, on {', '.join(targets)}"
+    frozen = "in 4 bits (NF4, double quantization)" if run["quantize"] else "as loaded"
+    lines += [f"- trainable: {trained}", f"- frozen weights: {frozen}",
               f"- {run['steps']} steps of {run['batch']} examples, learning rate {run['lr']:g}",
               *(f"- data: `{name}`, {count} examples" for name, count in run["data"].items()), ""]
     if scores:
@@ -311,9 +311,9 @@ def model_card(base_model: str, adapter: bool, run: dict, scores: dict | None) -
     return "\n".join(lines)
 
 
+# not train_state.pt, the optimizer's shards, merged/ or the W&B files
 UPLOADED = ("*.safetensors", "*.json", "tokenizer.model", "README.md", "metrics.jsonl",
-            "metrics.png", "eval/*.jpg",
-            "tensorboard/*")  # not train_state.pt, the optimizer's shards, merged/ or the W&B files
+            "metrics.png", "eval/*.jpg", "tensorboard/*")
 
 
 def check_hub(repo_id: str):
@@ -328,8 +328,9 @@ def check_hub(repo_id: str):
     except Exception as e:
         raise UserError(f"--push-to-hub {repo_id!r}: not a repo id of the form owner/name ({e})")
     if "/" not in repo_id or hub.get_token() is None:
-        raise UserError(f"--push-to-hub {repo_id}: " + ("give owner/name" if "/" not in repo_id else
-             "no Hugging Face token: run huggingface-cli login, or set HF_TOKEN"))
+        what = ("give owner/name" if "/" not in repo_id else
+                "no Hugging Face token: run huggingface-cli login, or set HF_TOKEN")
+        raise UserError(f"--push-to-hub {repo_id}: {what}")
 
 
 def push(out: Path, repo_id: str, private: bool) -> str:

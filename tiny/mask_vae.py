@@ -60,8 +60,8 @@ def random_mask(rng: np.random.Generator) -> np.ndarray:
     ys, xs = np.nonzero(mask)
     if len(xs) < 20:
         return random_mask(rng)
-    crop = Image.fromarray(mask[ys.min():ys.max() + 1,
-                                xs.min():xs.max() + 1]).resize((64, 64), Image.BILINEAR)
+    crop = Image.fromarray(mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1])
+    crop = crop.resize((64, 64), Image.BILINEAR)
     return np.asarray(crop, dtype=np.float32) / 255
 
 

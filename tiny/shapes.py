@@ -170,8 +170,8 @@ def write_coco(out: Path, split: str, n: int, seed: int, shapes=SHAPES, most=3):
     folder.mkdir(parents=True, exist_ok=True)
     # Roboflow's dataset-level category
     categories = [dict(id=0, name="shapes", supercategory="none")]
-    categories += [dict(id=i + 1, name=shape,
-                        supercategory="shapes") for i, shape in enumerate(shapes)]
+    categories += [dict(id=i + 1, name=shape, supercategory="shapes")
+                   for i, shape in enumerate(shapes)]
     images, annotations = [], []
     for i in range(n):
         scene = random_scene(rng, shapes, most)
