@@ -50,7 +50,7 @@ from PIL import Image
 from cli import MAX_PIXELS, UserError, add_image_limit, fail, use_own_image_limit
 from data import check_images, parse_line
 from detections import loc_tokens, name_problem
-from files import new_output, write_jsonl
+from files import new_output, write_atomically, write_jsonl
 
 
 def coco_detect(path: Path, images: Path, classes: str = "present", skip_bad: bool = False,
@@ -220,6 +220,8 @@ def parquet(paths: list[Path], out: Path, prefix: str, suffix: str, answers: str
     folder, bad, examples = out.parent / "images", Bad(skip_bad), []
     folder.mkdir(exist_ok=True)
     for path in paths:
+        if not path.is_file():
+            raise UserError(f"{path}: no such file")
         try:
             table = pq.read_table(path)
         except Exception as e:  # pyarrow raises its own types for a file that is not parquet
@@ -276,8 +278,9 @@ def save_image(value, folder: Path, where: str, bad: "Bad") -> Path | None:
         bad(f"{where}: its image does not decode ({type(e).__name__}: {str(e)[:100]})")
         return None
     path = folder / f"{hashlib.sha256(data).hexdigest()[:20]}.{'jpg' if kind == 'jpeg' else kind}"
-    if not path.exists():
-        path.write_bytes(data)
+    # written whole: a run killed mid-write leaves no cut image that a rerun would take as written
+    if not path.is_file() or path.stat().st_size != len(data):
+        write_atomically(path, lambda tmp: tmp.write_bytes(data))
     return path
 
 

@@ -299,6 +299,23 @@ def test_parquet_of_a_hugging_face_dataset(tmp_path, capsys):
     assert "row 0: its image does not decode" in one_line_error([
         "parquet", tmp_path / "b.parquet", "--prefix", "caption en", "--suffix", "{text}", "--out",
         tmp_path / "y.jsonl"])
+    assert "nope.parquet: no such file" in one_line_error([
+        "parquet", tmp_path / "nope.parquet", "--prefix", "caption en", "--suffix", "{text}"])
+
+
+def test_a_parquet_image_cut_by_a_kill_is_written_again(tmp_path):
+    """images/ keeps each image under its digest; one a killed run left cut short is not taken as
+    written."""
+    red = png_bytes("red")
+    pq.write_table(pa.table({"image": [{"bytes": red, "path": "a.png"}], "text": ["x"]}),
+                   tmp_path / "a.parquet")
+    args = ["parquet", str(tmp_path / "a.parquet"), "--prefix", "caption en", "--suffix", "{text}",
+            "--out", str(tmp_path / "a.jsonl")]
+    convert.main(args)
+    [image] = (tmp_path / "images").iterdir()
+    image.write_bytes(red[:20])  # as a kill in the middle of writing it would have left it
+    convert.main(args + ["--overwrite"])
+    assert image.read_bytes() == red and not list((tmp_path / "images").glob(".*.tmp"))
 
 
 def test_output_rules(tmp_path):
